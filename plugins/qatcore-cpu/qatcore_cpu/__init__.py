@@ -1,0 +1,1 @@
+"""The CPU fake-quant kernel for qatcore."""

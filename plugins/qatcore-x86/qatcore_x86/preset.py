@@ -1,0 +1,20 @@
+"""The ``x86`` QConfig: what PyTorch's int8 x86 engine runs, simulated exactly in training."""
+
+from __future__ import annotations
+
+from qatcore import QConfig, QuantSpec
+
+__all__ = ["X86_QCONFIG"]
+
+# Weights: int8, symmetric, one scale per output channel (axis 0), as the x86
+# engine's quantized conv and linear kernels take them.
+_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, axis=0, observer="moving_average_minmax")
+
+# Activations: uint8 affine per tensor over the full [0, 255]. The quantized
+# tensors that the x86 engine produces span all 256 codes, so training on the
+# same range makes an activation saturate at the same code in QAT and after
+# conversion. torch.ao's default x86 QAT config instead observes with
+# reduce_range=True: it trains on [0, 127] but deploys on [0, 255].
+_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, observer="moving_average_minmax")
+
+X86_QCONFIG = QConfig(weight=_WEIGHT, activation=_ACTIVATION)

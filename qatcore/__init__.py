@@ -1,0 +1,75 @@
+"""qatcore: quantization-aware training for PyTorch, extended by plugins.
+
+The usual flow::
+
+    qat_model = qatcore.swap_modules(model, qatcore.get_qconfig("x86"))
+    ...  # train
+    float_model = qatcore.to_float(qat_model)
+"""
+
+from qatcore._api import (
+    get_qconfig,
+    register_fusion,
+    register_kernel,
+    register_module,
+    register_observer,
+    register_plugin,
+    unregister_plugin,
+)
+from qatcore._config import QConfig, QuantSpec
+from qatcore._fake_quantize import FakeQuantize
+from qatcore._hookspecs import hookimpl
+from qatcore._observer import Observer, RangeObserver, finite_min_max
+from qatcore._plugins import PluginError, PluginManager, plugin_manager
+from qatcore._protocol import QATConvNd, QATModule, SwapError
+from qatcore._reference import fake_quantize_reference, qparams_from_min_max
+from qatcore._registry import Registry, RegistryError
+from qatcore._swap import (
+    FusedAway,
+    Plan,
+    PlanEntry,
+    enable_fake_quant,
+    freeze_observers,
+    nonfinite_counts,
+    plan,
+    swap_modules,
+    to_float,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FakeQuantize",
+    "FusedAway",
+    "Observer",
+    "Plan",
+    "PlanEntry",
+    "PluginError",
+    "PluginManager",
+    "QATConvNd",
+    "QATModule",
+    "QConfig",
+    "QuantSpec",
+    "RangeObserver",
+    "Registry",
+    "RegistryError",
+    "SwapError",
+    "enable_fake_quant",
+    "fake_quantize_reference",
+    "finite_min_max",
+    "freeze_observers",
+    "get_qconfig",
+    "hookimpl",
+    "nonfinite_counts",
+    "plan",
+    "plugin_manager",
+    "qparams_from_min_max",
+    "register_fusion",
+    "register_kernel",
+    "register_module",
+    "register_observer",
+    "register_plugin",
+    "swap_modules",
+    "to_float",
+    "unregister_plugin",
+]

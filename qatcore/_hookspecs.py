@@ -1,0 +1,85 @@
+"""Hook specifications: what a qatcore plugin can implement.
+
+A plugin is a module (or any object) with functions named like the hooks
+below, each marked with :data:`qatcore.hookimpl`. Every hook receives the
+plugin's own :class:`~qatcore.Registry` view and registers entries on it;
+the return value is ignored. Hooks are called once per process, when the
+registry is first needed, in the order: modules, observers, kernels,
+qconfigs. A plugin implements only the hooks it needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from qatcore._registry import Registry
+
+PROJECT = "qatcore"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = ["hookimpl", "hookspec"]
+
+
+@hookspec
+def qatcore_register_modules(registry: Registry) -> None:
+    """Register float-to-QAT module mappings and fusion patterns.
+
+    Call :meth:`Registry.register_module` and
+    :meth:`Registry.register_fusion`.
+
+    :param registry: The registry view of the calling plugin.
+
+    Added in 0.1.
+    """
+
+
+@hookspec
+def qatcore_register_observers(registry: Registry) -> None:
+    """Register observer factories by name.
+
+    Call :meth:`Registry.register_observer`. The name is what a
+    ``QuantSpec(observer=...)`` refers to.
+
+    :param registry: The registry view of the calling plugin.
+
+    Added in 0.1.
+    """
+
+
+@hookspec
+def qatcore_register_kernels(registry: Registry) -> None:
+    """Register fake-quant kernels by kernel name and device type.
+
+    Call :meth:`Registry.register_kernel`. A kernel must match the
+    reference kernel bit for bit, outputs and gradients alike.
+
+    :param registry: The registry view of the calling plugin.
+
+    Added in 0.1.
+    """
+
+
+@hookspec
+def qatcore_register_qconfigs(registry: Registry) -> None:
+    """Register preset QConfigs by name.
+
+    Call :meth:`Registry.register_qconfig`. The name is what
+    :func:`qatcore.get_qconfig` looks up.
+
+    :param registry: The registry view of the calling plugin.
+
+    Added in 0.1.
+    """
+
+
+REGISTRATION_HOOKS = (
+    "qatcore_register_modules",
+    "qatcore_register_observers",
+    "qatcore_register_kernels",
+    "qatcore_register_qconfigs",
+)

@@ -1,0 +1,309 @@
+"""The plugin manager: discovers plugins, isolates their failures, builds the registry."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pluggy
+
+from qatcore import _hookspecs
+from qatcore._registry import Registry
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_BLOCK",
+    "ENV_DISABLE_AUTOLOAD",
+    "ENV_STRICT",
+    "PluginError",
+    "PluginFailure",
+    "PluginInfo",
+    "PluginManager",
+    "plugin_manager",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "qatcore"
+ENV_BLOCK = "QATCORE_BLOCK_PLUGINS"
+"""Comma-separated entry-point names that are not loaded."""
+ENV_DISABLE_AUTOLOAD = "QATCORE_DISABLE_PLUGIN_AUTOLOAD"
+"""When ``1``, no entry point is loaded; only in-process plugins count."""
+ENV_STRICT = "QATCORE_STRICT_PLUGINS"
+"""When ``1``, a plugin that fails to load raises instead of being reported."""
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def _env_names(name: str) -> set[str]:
+    return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load or to register, in strict mode.
+
+    Attributes:
+        plugin: The plugin's entry-point or in-process name.
+        distribution: The distribution that provides it, if any.
+    """
+
+    def __init__(self, message: str, *, plugin: str, distribution: str | None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.distribution = distribution
+
+
+@attrs.frozen
+class PluginInfo:
+    """A loaded plugin: its name, where it came from, and what it registered."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    registrations: dict[str, list[object]]
+
+
+@attrs.frozen
+class PluginFailure:
+    """A plugin that failed to import or to register, with the error."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    stage: str
+    error: BaseException
+
+    def describe(self) -> str:
+        """Return one line naming the plugin, its distribution, the stage and the error."""
+        origin = f" from {self.distribution} {self.version}" if self.distribution else ""
+        return (
+            f"plugin {self.name!r}{origin} failed to {self.stage}: "
+            f"{type(self.error).__name__}: {self.error}"
+        )
+
+
+@attrs.define
+class _Source:
+    distribution: str | None = None
+    version: str | None = None
+
+
+class PluginManager:
+    """Load qatcore plugins once, lazily, and build the registry from them.
+
+    Entry points of group ``qatcore`` are loaded the first time the
+    registry is needed. A plugin that fails to import or register is
+    reported in :meth:`failures` and logged, and the others still load;
+    with ``strict=True`` (or ``QATCORE_STRICT_PLUGINS=1``) the failure
+    raises :class:`PluginError` instead. ``QATCORE_BLOCK_PLUGINS=a,b`` skips
+    the named entry points, and ``QATCORE_DISABLE_PLUGIN_AUTOLOAD=1`` skips
+    them all. In-process plugins from :meth:`register` always count.
+    """
+
+    def __init__(self, *, strict: bool | None = None) -> None:
+        self._strict = strict
+        self._pm = pluggy.PluginManager(_hookspecs.PROJECT)
+        self._pm.add_hookspecs(_hookspecs)
+        self._sources: dict[str, _Source] = {}
+        self._failures: list[PluginFailure] = []
+        self._blocked: list[str] = []
+        self._autoloaded = False
+        self._registry: Registry | None = None
+        self._user = Registry(plugin="user")
+
+    @property
+    def strict(self) -> bool:
+        """Whether a failing plugin raises instead of being reported."""
+        return _env_flag(ENV_STRICT) if self._strict is None else self._strict
+
+    # -- discovery ---------------------------------------------------------
+
+    def _autoload(self) -> None:
+        if self._autoloaded:
+            return
+        self._autoloaded = True
+        if _env_flag(ENV_DISABLE_AUTOLOAD):
+            logger.debug("%s is set: entry points are not loaded", ENV_DISABLE_AUTOLOAD)
+            return
+
+        blocked = _env_names(ENV_BLOCK)
+        entry_points = sorted(
+            importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
+        )
+        for entry_point in entry_points:
+            dist = entry_point.dist
+            source = _Source(
+                dist.metadata["Name"] if dist is not None else None,
+                dist.version if dist is not None else None,
+            )
+            if entry_point.name in blocked:
+                logger.debug("plugin %r is blocked by %s", entry_point.name, ENV_BLOCK)
+                self._blocked.append(entry_point.name)
+                continue
+            if self._pm.has_plugin(entry_point.name):
+                continue
+            try:
+                plugin = entry_point.load()
+                self._pm.register(plugin, name=entry_point.name)
+            except Exception as error:
+                self._fail(entry_point.name, source, "import", error)
+                continue
+            self._sources[entry_point.name] = source
+
+    def _fail(self, name: str, source: _Source, stage: str, error: Exception) -> None:
+        failure = PluginFailure(name, source.distribution, source.version, stage, error)
+        if self.strict:
+            raise PluginError(
+                failure.describe(), plugin=name, distribution=source.distribution
+            ) from error
+        logger.warning("%s; the other plugins still load", failure.describe(), exc_info=error)
+        self._failures.append(failure)
+
+    # -- in-process plugins ------------------------------------------------
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register an in-process plugin (a module or object with hook functions).
+
+        Returns:
+            The plugin's name, for :meth:`unregister`.
+
+        Raises:
+            ValueError: A plugin of that name, or that object, is registered already.
+        """
+        self._autoload()
+        try:
+            registered = self._pm.register(plugin, name=name)
+        except ValueError as error:
+            raise ValueError(f"cannot register plugin {name or plugin!r}: {error}") from None
+        # pluggy returns None only for names blocked on its own manager, which
+        # this manager never blocks.
+        registered = str(registered)
+        self._sources[registered] = _Source()
+        self._registry = None
+        return registered
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin by name; its registrations are gone from the next lookup on.
+
+        Raises:
+            KeyError: No plugin of that name is registered.
+        """
+        self._autoload()
+        if not self._pm.has_plugin(name):
+            raise KeyError(f"no plugin named {name!r} is registered (registered: {self.names()})")
+        self._pm.unregister(name=name)
+        self._sources.pop(name, None)
+        self._failures = [failure for failure in self._failures if failure.name != name]
+        self._registry = None
+
+    def names(self) -> list[str]:
+        """Return the names of the registered plugins, in load order."""
+        self._autoload()
+        return [name for name, _ in self._pm.list_name_plugin()]
+
+    # -- the registry ------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        """The registry built from every loaded plugin and the user's own registrations."""
+        if self._registry is None:
+            self._registry = self._build()
+        return self._registry
+
+    def _build(self) -> Registry:
+        self._autoload()
+        self._failures = [failure for failure in self._failures if failure.stage == "import"]
+        registry = Registry(plugin="qatcore")
+        for name, plugin in list(self._pm.list_name_plugin()):
+            staging = Registry(plugin=name)
+            try:
+                for hook_name in _hookspecs.REGISTRATION_HOOKS:
+                    self._call_hook(hook_name, plugin, staging)
+                registry.merge(staging)
+            except Exception as error:
+                source = self._sources.get(name, _Source())
+                self._fail(name, source, "register", error)
+        registry.merge(self._user, override=True)
+        return registry
+
+    def _call_hook(self, hook_name: str, plugin: object, staging: Registry) -> None:
+        # Each plugin is called on its own so that its errors and its
+        # registrations stay its own.
+        hook = getattr(self._pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(**{arg: staging for arg in impl.argnames})
+
+    def register_user(self, kind: str, *args: Any, override: bool = False) -> None:
+        """Register a user's own entry (``kind`` is a ``Registry.register_*`` suffix).
+
+        User entries survive plugin changes and are checked against the
+        plugins' entries straight away.
+
+        Raises:
+            RegistryError: The entry conflicts with a plugin's, or is malformed.
+        """
+        register = getattr(self.registry, f"register_{kind}")
+        previous_plugin = self.registry.plugin
+        self.registry.plugin = self._user.plugin
+        try:
+            register(*args, override=override)
+        finally:
+            self.registry.plugin = previous_plugin
+        getattr(self._user, f"register_{kind}")(*args, override=True)
+
+    def plugins(self) -> list[PluginInfo]:
+        """Return the loaded plugins with their distributions and registrations."""
+        registry = self.registry
+        failed = {failure.name for failure in self._failures}
+        infos = []
+        for name in self.names():
+            if name in failed:
+                continue
+            source = self._sources.get(name, _Source())
+            infos.append(
+                PluginInfo(name, source.distribution, source.version, registry.registrations(name))
+            )
+        return infos
+
+    def failures(self) -> list[PluginFailure]:
+        """Return the plugins that failed to import or register, with their errors."""
+        self.registry  # noqa: B018 - building the registry records register failures
+        return list(self._failures)
+
+    def blocked(self) -> list[str]:
+        """Return the entry-point names skipped because of ``QATCORE_BLOCK_PLUGINS``."""
+        self._autoload()
+        return list(self._blocked)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+_manager: PluginManager | None = None
+
+
+def plugin_manager() -> PluginManager:
+    """Return the process-wide plugin manager, creating it on first use."""
+    global _manager
+    if _manager is None:
+        _manager = PluginManager()
+    return _manager
+
+
+def reset_plugin_manager() -> PluginManager:
+    """Forget every loaded plugin and registration; the next lookup loads afresh.
+
+    Meant for tests and for scripts that change the plugin switches.
+    """
+    global _manager
+    _manager = PluginManager()
+    return _manager

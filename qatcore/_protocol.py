@@ -1,0 +1,249 @@
+"""The QAT module contract, and the conv specialisation that every QAT conv shares."""
+
+from __future__ import annotations
+
+import abc
+import copy
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from qatcore._config import QConfig, QuantSpec
+from qatcore._fake_quantize import FakeQuantize
+
+__all__ = ["QATConvNd", "QATModule", "SwapError"]
+
+
+class SwapError(ValueError):
+    """A module cannot be swapped to QAT, or back to float, as configured."""
+
+
+class QATModule(abc.ABC):
+    """The contract every QAT module implements, as a mixin for ``nn.Module``.
+
+    A QAT module is built from its float module (or, for a fused module,
+    the tuple of float modules in call order) with :meth:`from_float`. It
+    shares the float module's parameters rather than copying them,
+    fake-quantizes its weight before use and its output after use, and
+    builds an equivalent float module with :meth:`to_float`.
+
+    Attributes:
+        float_types: The float module types this class replaces, in call
+            order; one type for a plain module, several for a fused one.
+        weight_fake_quant: Fake quantizer of the weight, or ``None``.
+        output_fake_quant: Fake quantizer of the output, or ``None``.
+    """
+
+    float_types: ClassVar[tuple[type[nn.Module], ...]]
+    weight_fake_quant: FakeQuantize | None
+    output_fake_quant: FakeQuantize | None
+
+    @classmethod
+    @abc.abstractmethod
+    def from_float(
+        cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
+    ) -> QATModule:
+        """Build the QAT module from its float module, sharing its parameters.
+
+        Args:
+            module: The float module, or a tuple of them for a fused type.
+            qconfig: The specs for the weight and the output.
+            name: The module's qualified name in its model, used in errors.
+
+        Raises:
+            SwapError: The module's configuration cannot be quantized as asked.
+        """
+
+    @abc.abstractmethod
+    def to_float(self) -> nn.Module:
+        """Return an equivalent float module that shares no tensor with this one.
+
+        Its output equals this module's output with fake quantization
+        disabled. A fused module returns an ``nn.Sequential`` of its float
+        modules in call order.
+        """
+
+    def qparams(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Return ``{"weight": (scale, zero_point), "output": (...)}`` for the quantized tensors."""
+        found = {}
+        for role in ("weight", "output"):
+            fake_quant = getattr(self, f"{role}_fake_quant", None)
+            if fake_quant is not None:
+                found[role] = fake_quant.qparams()
+        return found
+
+
+def _qualified(name: str, module: nn.Module) -> str:
+    return f"{name or '<root>'} ({type(module).__name__})"
+
+
+def _channels_along(spec: QuantSpec, shape: torch.Size, what: str, where: str) -> int | None:
+    if spec.axis is None:
+        return None
+    if spec.axis >= len(shape):
+        raise SwapError(
+            f"{where}: the {what} spec quantizes per channel along axis {spec.axis}, but the "
+            f"{what} has shape {tuple(shape)} with axes 0 to {len(shape) - 1}; set "
+            f"QuantSpec(axis=...) to one of them"
+        )
+    return int(shape[spec.axis])
+
+
+def _build_fake_quant(
+    spec: QuantSpec | None, channels: int | None, what: str, where: str
+) -> FakeQuantize | None:
+    if spec is None:
+        return None
+    try:
+        return FakeQuantize(spec, channels=channels)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if error.args else str(error)
+        raise SwapError(f"{where}: cannot build the {what} fake quantizer: {message}") from None
+
+
+class QATConvNd(QATModule):
+    """Behaviour shared by every QAT conv, whatever its dimension.
+
+    A concrete class combines this mixin with a ``torch.nn`` conv class and
+    declares ``float_types``; for a fused conv-activation it also sets
+    ``activation_type``, used when the class is built directly rather than
+    from float modules. For example::
+
+        class Conv2d(QATConvNd, nn.Conv2d):
+            float_types = (nn.Conv2d,)
+
+        class ConvReLU2d(QATConvNd, nn.Conv2d):
+            float_types = (nn.Conv2d, nn.ReLU)
+            activation_type = nn.ReLU
+
+    The forward is ``output_fq(activation(conv(x, weight_fq(weight), bias)))``
+    with every padding mode of the float conv. Per-channel weight specs use
+    ``axis=0`` (output channels); per-channel output specs use ``axis=1``.
+    """
+
+    activation_type: ClassVar[type[nn.Module] | None] = None
+
+    def __init__(self, *args: Any, qconfig: QConfig | None = None, **kwargs: Any) -> None:
+        """Build like the ``torch.nn`` conv, plus the fake quantizers for ``qconfig``.
+
+        Without ``qconfig`` neither the weight nor the output is quantized.
+        """
+        super().__init__(*args, **kwargs)
+        self.activation = self.activation_type() if self.activation_type is not None else None
+        self.weight_fake_quant = None
+        self.output_fake_quant = None
+        self.qconfig = None
+        if qconfig is not None:
+            self._init_fake_quants(qconfig, _qualified("", self))
+
+    # Set by the nn.Conv base class.
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    out_channels: int
+    _conv_forward: Any
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
+    ) -> QATConvNd:
+        """Build the QAT conv from a float conv, or from a (conv, activation) tuple."""
+        modules = module if isinstance(module, tuple) else (module,)
+        conv = modules[0]
+        where = _qualified(name, conv)
+        if len(modules) != len(cls.float_types) or not all(
+            type(part) is expected for part, expected in zip(modules, cls.float_types)
+        ):
+            got = ", ".join(type(part).__name__ for part in modules)
+            want = ", ".join(kind.__name__ for kind in cls.float_types)
+            raise SwapError(f"{where}: {cls.__name__} is built from ({want}), got ({got})")
+        if not isinstance(qconfig, QConfig):
+            raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
+
+        qat = cls._from_conv_arguments(conv)
+        qat.weight = conv.weight
+        qat.bias = conv.bias
+        if len(modules) > 1:
+            qat.activation = modules[1]
+        qat.train(conv.training)
+        qat._init_fake_quants(qconfig, where)
+        return qat
+
+    @classmethod
+    def _from_conv_arguments(cls, conv: nn.Module) -> QATConvNd:
+        # Built on the meta device so that no throwaway weight is allocated;
+        # the float conv's parameters are assigned right after.
+        return cls(  # type: ignore[call-arg]
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+
+    def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
+        self.qconfig = qconfig
+        weight_channels = None
+        if qconfig.weight is not None:
+            weight_channels = _channels_along(qconfig.weight, self.weight.shape, "weight", where)
+        self.weight_fake_quant = _build_fake_quant(qconfig.weight, weight_channels, "weight", where)
+
+        output_channels = None
+        if qconfig.activation is not None and qconfig.activation.axis is not None:
+            if qconfig.activation.axis != 1:
+                raise SwapError(
+                    f"{where}: per-channel output quantization of a conv needs axis=1 (the "
+                    f"output channels), got axis={qconfig.activation.axis}"
+                )
+            output_channels = self.out_channels
+        self.output_fake_quant = _build_fake_quant(
+            qconfig.activation, output_channels, "output", where
+        )
+        if self.weight.device.type != "meta":
+            for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
+                if fake_quant is not None:
+                    fake_quant.to(self.weight.device)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.weight_fake_quant is not None:
+            weight = self.weight_fake_quant(weight)
+        output = self._conv_forward(input, weight, self.bias)
+        if self.activation is not None:
+            output = self.activation(output)
+        if self.output_fake_quant is not None:
+            output = self.output_fake_quant(output)
+        return output
+
+    def to_float(self) -> nn.Module:
+        """Return the float conv (and activation) with copies of the parameters."""
+        float_conv_type = self.float_types[0]
+        conv = float_conv_type(
+            self.in_channels,  # type: ignore[attr-defined]
+            self.out_channels,
+            self.kernel_size,  # type: ignore[attr-defined]
+            stride=self.stride,  # type: ignore[attr-defined]
+            padding=self.padding,  # type: ignore[attr-defined]
+            dilation=self.dilation,  # type: ignore[attr-defined]
+            groups=self.groups,  # type: ignore[attr-defined]
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,  # type: ignore[attr-defined]
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        conv.weight = _copy_parameter(self.weight)
+        conv.bias = _copy_parameter(self.bias) if self.bias is not None else None
+        conv.train(self.training)
+        if self.activation is None:
+            return conv
+        return nn.Sequential(conv, copy.deepcopy(self.activation)).train(self.training)
+
+
+def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)

@@ -1,0 +1,287 @@
+"""The registry: what each plugin provides, and which plugin provided it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import attrs
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from qatcore._config import QConfig, QuantSpec
+    from qatcore._observer import Observer
+
+__all__ = ["Entry", "Kernel", "ObserverFactory", "Registry", "RegistryError", "Table"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+Kernel = Callable[..., torch.Tensor]
+"""A fake-quant kernel: ``kernel(x, scale, zero_point, quant_min, quant_max, axis)``."""
+
+ObserverFactory = Callable[..., "Observer"]
+"""Build an observer: ``factory(spec, channels, **spec.observer_options)``."""
+
+# First-party plugins and what they provide, so that a lookup that misses can
+# say which distribution to install.
+_PROVIDERS: dict[str, dict[object, str]] = {
+    "module": {
+        nn.Conv1d: "qatcore-conv",
+        nn.Conv2d: "qatcore-conv",
+        nn.Conv3d: "qatcore-conv",
+    },
+    "fusion": {
+        (nn.Conv1d, nn.ReLU): "qatcore-conv",
+        (nn.Conv2d, nn.ReLU): "qatcore-conv",
+        (nn.Conv3d, nn.ReLU): "qatcore-conv",
+    },
+    "observer": {
+        "minmax": "qatcore-observers",
+        "moving_average_minmax": "qatcore-observers",
+    },
+    "kernel": {("default", "cpu"): "qatcore-cpu"},
+    "qconfig": {"x86": "qatcore-x86"},
+}
+
+
+class RegistryError(ValueError):
+    """A registration conflicts with an earlier one, or is malformed."""
+
+
+def describe_key(key: object) -> str:
+    """Return a readable name for a registry key: a class, a tuple of classes or a value."""
+    if isinstance(key, type):
+        return f"{key.__module__}.{key.__qualname__}"
+    if isinstance(key, tuple):
+        return "(" + ", ".join(describe_key(part) for part in key) + ")"
+    return repr(key)
+
+
+@attrs.frozen
+class Entry(Generic[V]):
+    """A registered value and the name of the plugin that registered it."""
+
+    value: V
+    plugin: str
+
+
+class Table(Mapping[K, V]):
+    """One kind of registration, keyed like a dict and remembering each entry's plugin.
+
+    Lookups speak the mapping protocol: ``key in table``, ``table.get(key)``
+    and ``table[key]``, whose ``KeyError`` names what is registered and
+    which distribution would provide the key.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[K, Entry[V]] = {}
+
+    def __getitem__(self, key: K) -> V:
+        try:
+            return self._entries[key].value
+        except KeyError:
+            raise KeyError(self.missing_message(key)) from None
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, key: K) -> Entry[V]:
+        """Return the value and plugin registered under ``key``."""
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(self.missing_message(key)) from None
+
+    def provider_hint(self, key: object) -> str | None:
+        """Return the first-party distribution that provides ``key``, if there is one."""
+        return _PROVIDERS.get(self.kind, {}).get(key)
+
+    def missing_message(self, key: object) -> str:
+        """Describe a missed lookup: the key, what is registered, and what to install."""
+        registered = ", ".join(sorted(describe_key(k) for k in self._entries)) or "none"
+        message = f"no {self.kind} registered for {describe_key(key)} (registered: {registered})"
+        hint = self.provider_hint(key)
+        if hint is not None:
+            message += f"; install the {hint} plugin to provide it"
+        return message
+
+    def add(self, key: K, value: V, *, plugin: str, override: bool = False) -> None:
+        """Register ``value`` under ``key`` for ``plugin``.
+
+        Raises:
+            RegistryError: ``key`` is registered already and ``override`` is false.
+        """
+        self.check_free(key, plugin=plugin, override=override)
+        self._entries[key] = Entry(value, plugin)
+
+    def check_free(self, key: K, *, plugin: str, override: bool = False) -> None:
+        """Raise :class:`RegistryError` if ``key`` is taken and ``override`` is false."""
+        previous = self._entries.get(key)
+        if previous is not None and not override:
+            raise RegistryError(
+                f"{self.kind} {describe_key(key)} from plugin {plugin!r} conflicts with the "
+                f"one registered by plugin {previous.plugin!r}; pass override=True to replace it"
+            )
+
+    def update(self, other: Table[K, V], *, override: bool = False) -> None:
+        """Add every entry of ``other``, keeping its plugin names, or none on a conflict."""
+        for key, entry in other._entries.items():
+            self.check_free(key, plugin=entry.plugin, override=override)
+        for key, entry in other._entries.items():
+            self._entries[key] = Entry(entry.value, entry.plugin)
+
+    def by_plugin(self, plugin: str) -> list[K]:
+        """Return the keys that ``plugin`` registered."""
+        return [key for key, entry in self._entries.items() if entry.plugin == plugin]
+
+
+def _check_type(kind: str, value: object, base: type | None = None) -> None:
+    if not isinstance(value, type) or (base is not None and not issubclass(value, base)):
+        expected = f"a subclass of {describe_key(base)}" if base is not None else "a class"
+        raise RegistryError(f"{kind} must be {expected}, got {value!r}")
+
+
+class Registry:
+    """Everything the installed plugins provide, keyed for lookup.
+
+    Plugins receive a registry in their registration hooks and call its
+    ``register_*`` methods; each entry records the registering plugin, and
+    a second registration of the same key is an error naming both plugins
+    unless it passes ``override=True``.
+
+    Attributes:
+        modules: Float module type to QAT module type.
+        fusions: Tuple of float module types, in call order, to fused QAT type.
+        observers: Observer name to observer factory.
+        kernels: ``(kernel name, device type)`` to fake-quant kernel.
+        qconfigs: Preset name to :class:`QConfig`.
+    """
+
+    def __init__(self, plugin: str = "user") -> None:
+        self.plugin = plugin
+        self.modules: Table[type[nn.Module], type[nn.Module]] = Table("module mapping")
+        self.fusions: Table[tuple[type[nn.Module], ...], type[nn.Module]] = Table("fusion")
+        self.observers: Table[str, ObserverFactory] = Table("observer")
+        self.kernels: Table[tuple[str, str], Kernel] = Table("kernel")
+        self.qconfigs: Table[str, QConfig] = Table("qconfig")
+
+    def tables(self) -> dict[str, Table[Any, Any]]:
+        """Return every table by its attribute name."""
+        return {
+            "modules": self.modules,
+            "fusions": self.fusions,
+            "observers": self.observers,
+            "kernels": self.kernels,
+            "qconfigs": self.qconfigs,
+        }
+
+    def register_module(
+        self, float_type: type[nn.Module], qat_type: type[nn.Module], *, override: bool = False
+    ) -> None:
+        """Map ``float_type`` to ``qat_type``, which must implement :class:`QATModule`.
+
+        Raises:
+            RegistryError: Either is not a module class, ``qat_type`` does not
+                implement the QAT protocol, or ``float_type`` is mapped already.
+        """
+        from qatcore._protocol import QATModule
+
+        _check_type("float_type", float_type, nn.Module)
+        _check_type("qat_type", qat_type, QATModule)
+        self.modules.add(float_type, qat_type, plugin=self.plugin, override=override)
+
+    def register_fusion(
+        self,
+        pattern: tuple[type[nn.Module], ...],
+        fused_qat_type: type[nn.Module],
+        *,
+        override: bool = False,
+    ) -> None:
+        """Fuse consecutive modules of ``pattern`` into one ``fused_qat_type``.
+
+        Raises:
+            RegistryError: The pattern has fewer than two module classes,
+                ``fused_qat_type`` does not implement the QAT protocol, or the
+                pattern is registered already.
+        """
+        from qatcore._protocol import QATModule
+
+        if not isinstance(pattern, tuple) or len(pattern) < 2:
+            raise RegistryError(
+                f"a fusion pattern must be a tuple of at least two module classes, got {pattern!r}"
+            )
+        for part in pattern:
+            _check_type("each fusion pattern member", part, nn.Module)
+        _check_type("fused_qat_type", fused_qat_type, QATModule)
+        self.fusions.add(pattern, fused_qat_type, plugin=self.plugin, override=override)
+
+    def register_observer(
+        self, name: str, factory: ObserverFactory, *, override: bool = False
+    ) -> None:
+        """Make ``factory(spec, channels, **options)`` available as ``QuantSpec(observer=name)``.
+
+        Raises:
+            RegistryError: ``factory`` is not callable, or ``name`` is taken.
+        """
+        if not callable(factory):
+            raise RegistryError(f"observer factory for {name!r} must be callable, got {factory!r}")
+        self.observers.add(name, factory, plugin=self.plugin, override=override)
+
+    def register_kernel(
+        self, name: str, device_type: str, kernel: Kernel, *, override: bool = False
+    ) -> None:
+        """Use ``kernel`` for ``QuantSpec(kernel=name)`` on tensors of ``device_type``.
+
+        Raises:
+            RegistryError: ``kernel`` is not callable, ``name`` is
+                ``"reference"`` (the core's own), or the pair is taken.
+        """
+        if not callable(kernel):
+            raise RegistryError(f"kernel {name!r} for {device_type!r} must be callable")
+        if name == "reference":
+            raise RegistryError(
+                "the kernel name 'reference' is the core's reference kernel and cannot be "
+                "registered; register under 'default' or a name of your own"
+            )
+        self.kernels.add((name, device_type), kernel, plugin=self.plugin, override=override)
+
+    def register_qconfig(self, name: str, qconfig: QConfig, *, override: bool = False) -> None:
+        """Make ``qconfig`` available as ``qatcore.get_qconfig(name)``.
+
+        Raises:
+            RegistryError: ``qconfig`` is not a QConfig, or ``name`` is taken.
+        """
+        from qatcore._config import QConfig
+
+        if not isinstance(qconfig, QConfig):
+            raise RegistryError(f"qconfig {name!r} must be a QConfig, got {qconfig!r}")
+        self.qconfigs.add(name, qconfig, plugin=self.plugin, override=override)
+
+    def merge(self, other: Registry, *, override: bool = False) -> None:
+        """Add all of ``other``'s entries, or none when a key is registered in both.
+
+        Raises:
+            RegistryError: A key of ``other`` is taken and ``override`` is false.
+        """
+        mine = self.tables()
+        for name, table in other.tables().items():
+            for key in table:
+                mine[name].check_free(key, plugin=table.entry(key).plugin, override=override)
+        for name, table in other.tables().items():
+            mine[name].update(table, override=True)
+
+    def create_observer(self, spec: QuantSpec, channels: int | None) -> Observer:
+        """Build the observer that ``spec`` names."""
+        factory = self.observers[spec.observer]
+        return factory(spec, channels, **spec.observer_options)
+
+    def registrations(self, plugin: str) -> dict[str, list[object]]:
+        """Return, per table, the keys that ``plugin`` registered."""
+        found = {name: table.by_plugin(plugin) for name, table in self.tables().items()}
+        return {name: keys for name, keys in found.items() if keys}
