@@ -27,7 +27,7 @@ __all__ = [
     "to_float",
 ]
 
-QConfigLike = Union[QConfig, Mapping[str | type, QConfig | None], None]
+QConfigLike = QConfig | Mapping[str | type, QConfig | None] | None
 """A QConfig for the whole model, or a mapping from a qualified-name prefix or a
 module type to a QConfig or ``None`` (keep float)."""
 
