@@ -35,10 +35,12 @@ from qatcore._swap import (
     swap_modules,
     to_float,
 )
+from qatcore._warnings import CoverageWarning, QatcoreWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoverageWarning",
     "FakeQuantize",
     "FusedAway",
     "Observer",
@@ -49,6 +51,7 @@ __all__ = [
     "QATConvNd",
     "QATModule",
     "QConfig",
+    "QatcoreWarning",
     "QuantSpec",
     "RangeObserver",
     "Registry",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
@@ -13,6 +14,7 @@ from qatcore._fake_quantize import FakeQuantize
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, SwapError
 from qatcore._registry import Registry, describe_key
+from qatcore._warnings import CoverageWarning
 
 __all__ = [
     "FusedAway",
@@ -358,6 +360,28 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def _check_coverage(decisions: Plan) -> None:
+    registry = plugin_manager().registry
+    missing = [
+        entry for entry in decisions if entry.action == KEEP and "install the" in entry.reason
+    ]
+    if not missing:
+        return
+    names = ", ".join(entry.name or "<root>" for entry in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    if not registry.modules:
+        raise SwapError(
+            f"no QAT module mappings are registered, so nothing can be swapped ({names}{more} "
+            f"would be); {missing[0].reason}"
+        )
+    warnings.warn(
+        f"{len(missing)} modules stay float because no installed plugin maps their type: "
+        f"{names}{more}; {missing[0].reason}",
+        CoverageWarning,
+        stacklevel=3,
+    )
+
+
 def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = False) -> nn.Module:
     """Return ``model`` with every mapped module replaced by its QAT module.
 
@@ -381,9 +405,16 @@ def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = Fals
         TypeError: ``model`` or ``qconfig`` has the wrong type.
         SwapError: A module cannot be swapped as configured; the message
             names its qualified path. Also raised when ``inplace`` is true
-            and the root itself would change type.
+            and the root itself would change type, and when no plugin maps
+            any module type at all while the model has modules that a
+            first-party plugin would swap.
+
+    Warns:
+        CoverageWarning: Modules stay float because the plugin that maps
+            their type is not installed.
     """
     decisions = plan(model, qconfig)
+    _check_coverage(decisions)
     if inplace and any(entry.name == "" and entry.action != KEEP for entry in decisions):
         raise SwapError(
             f"the model itself ({type(model).__name__}) is swapped to a QAT type, which "
