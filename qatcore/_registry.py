@@ -27,7 +27,7 @@ ObserverFactory = Callable[..., "Observer"]
 # First-party plugins and what they provide, so that a lookup that misses can
 # say which distribution to install.
 _PROVIDERS: dict[str, dict[object, str]] = {
-    "module": {
+    "module mapping": {
         nn.Conv1d: "qatcore-conv",
         nn.Conv2d: "qatcore-conv",
         nn.Conv3d: "qatcore-conv",
@@ -53,6 +53,8 @@ class RegistryError(ValueError):
 def describe_key(key: object) -> str:
     """Return a readable name for a registry key: a class, a tuple of classes or a value."""
     if isinstance(key, type):
+        if getattr(nn, key.__name__, None) is key:
+            return f"torch.nn.{key.__name__}"
         return f"{key.__module__}.{key.__qualname__}"
     if isinstance(key, tuple):
         return "(" + ", ".join(describe_key(part) for part in key) + ")"
