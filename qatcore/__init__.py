@@ -22,7 +22,12 @@ from qatcore._hookspecs import hookimpl
 from qatcore._observer import Observer, RangeObserver, finite_min_max
 from qatcore._plugins import PluginError, PluginManager, plugin_manager
 from qatcore._protocol import QATConvNd, QATModule, SwapError
-from qatcore._reference import fake_quantize_reference, qparams_from_min_max
+from qatcore._reference import (
+    check_qparams,
+    fake_quantize_reference,
+    prepare_qparams,
+    qparams_from_min_max,
+)
 from qatcore._registry import Registry, RegistryError
 from qatcore._swap import (
     FusedAway,
@@ -57,6 +62,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "SwapError",
+    "check_qparams",
     "enable_fake_quant",
     "fake_quantize_reference",
     "finite_min_max",
@@ -66,6 +72,7 @@ __all__ = [
     "nonfinite_counts",
     "plan",
     "plugin_manager",
+    "prepare_qparams",
     "qparams_from_min_max",
     "register_fusion",
     "register_kernel",

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 __all__ = [
+    "broadcast_shape",
     "check_qparams",
     "compute_dtype",
     "fake_quantize_reference",
+    "prepare_qparams",
     "qparams_from_min_max",
 ]
 
