@@ -1,0 +1,376 @@
+"""Module swap, plan and to_float on real models, with the first-party plugins."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatcore
+
+qatcore_conv = pytest.importorskip("qatcore_conv")
+pytest.importorskip("qatcore_observers")
+pytest.importorskip("qatcore_x86")
+
+DIMS = [1, 2, 3]
+DIM_IDS = ["conv1d", "conv2d", "conv3d"]
+CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SPATIAL = {1: (12,), 2: (7, 9), 3: (5, 6, 4)}
+
+
+@pytest.fixture
+def x86() -> qatcore.QConfig:
+    return qatcore.get_qconfig("x86")
+
+
+def _train_steps(model: nn.Module, inputs: torch.Tensor, steps: int = 3) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(inputs * (step + 1)).square().mean().backward()
+        optimizer.step()
+
+
+class MixedConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio = nn.Conv1d(2, 4, 3)
+        self.audio_block = nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU())
+        self.image = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.video = nn.Conv3d(1, 2, 3)
+
+
+# -- coverage: every conv swapped, the rest listed with a reason ----------------
+
+
+def test_swap_covers_every_conv_dimension(x86: qatcore.QConfig) -> None:
+    model = MixedConvNet()
+
+    qat = qatcore.swap_modules(model, x86)
+
+    assert type(qat.audio) is qatcore_conv.Conv1d
+    assert type(qat.audio_block[0]) is qatcore_conv.ConvReLU1d
+    assert type(qat.audio_block[1]) is qatcore.FusedAway
+    assert type(qat.image) is qatcore_conv.Conv2d
+    assert type(qat.video) is qatcore_conv.Conv3d
+    assert type(qat.norm) is nn.BatchNorm2d
+
+
+def test_plan_lists_every_leaf_with_reason(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(MixedConvNet(), x86)
+
+    by_name = {entry.name: entry for entry in decisions}
+    assert set(by_name) == {"audio", "audio_block.0", "image", "norm", "video"}
+    assert by_name["audio_block.0"].action == "fuse"
+    assert by_name["audio_block.0"].members == ("audio_block.0", "audio_block.1")
+    assert by_name["norm"].action == "keep"
+    assert "no QAT mapping for torch.nn.BatchNorm2d" in by_name["norm"].reason
+    assert decisions.summary() == "3 swapped, 1 fused groups, 1 kept float"
+    table = decisions.table()
+    assert "audio_block.0" in table
+    assert "no QAT mapping for torch.nn.BatchNorm2d" in table
+
+
+def test_plan_explains_unmapped_subclass(x86: qatcore.QConfig) -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    decisions = qatcore.plan(nn.Sequential(MyConv(1, 1, 1)), x86)
+
+    assert decisions[0].action == "keep"
+    assert "a subclass of torch.nn.Conv2d" in decisions[0].reason
+    assert "register a mapping" in decisions[0].reason
+
+
+# -- the root module itself -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_swap_returns_qat_root(dim: int, x86: qatcore.QConfig) -> None:
+    conv = CONV_TYPES[dim](3, 4, 3)
+
+    qat = qatcore.swap_modules(conv, x86)
+
+    assert isinstance(qat, qatcore.QATConvNd)
+    assert type(conv) is CONV_TYPES[dim]
+    assert qat.weight is not conv.weight
+
+
+def test_swap_inplace_root_raises(x86: qatcore.QConfig) -> None:
+    conv = nn.Conv2d(3, 4, 3)
+
+    with pytest.raises(qatcore.SwapError, match="use the returned module"):
+        qatcore.swap_modules(conv, x86, inplace=True)
+    assert type(conv) is nn.Conv2d
+
+
+def test_swap_inplace_changes_children_only(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    weight = model[0].weight
+
+    result = qatcore.swap_modules(model, x86, inplace=True)
+
+    assert result is model
+    assert isinstance(model[0], qatcore.QATConvNd)
+    assert model[0].weight is weight
+
+
+def test_swap_leaves_caller_model_alone(x86: qatcore.QConfig) -> None:
+    model = MixedConvNet()
+    before = copy.deepcopy(model.state_dict())
+
+    qat = qatcore.swap_modules(model, x86)
+    _train_steps(qat.image, torch.randn(2, 3, 8, 8))
+
+    assert type(model.image) is nn.Conv2d
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_swap_rejects_qat_model(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(1, 1, 1)), x86)
+
+    with pytest.raises(qatcore.SwapError, match=r"0 \(Conv2d\) is already a QAT module"):
+        qatcore.swap_modules(qat, x86)
+
+
+# -- padding modes survive the swap -------------------------------------------
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_mode_applies_before_conv(dim: int, mode: str, x86: qatcore.QConfig) -> None:
+    padding = (1, 2, 1)[:dim]
+    conv = CONV_TYPES[dim](3, 4, 3, padding=padding, padding_mode=mode)
+    qat = qatcore.swap_modules(conv, x86)
+    qat.eval()
+    x = torch.randn(2, 3, *SPATIAL[dim])
+
+    output = qat(x)
+
+    fq_weight = qat.weight_fake_quant(qat.weight)
+    pad = [side for amount in reversed(padding) for side in (amount, amount)]
+    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+    expected = qat.output_fake_quant(conv_fn(F.pad(x, pad, mode=mode), fq_weight, qat.bias))
+    assert torch.equal(output, expected)
+    assert qat.padding_mode == mode
+    assert qatcore.to_float(qat).padding_mode == mode
+
+
+# -- checkpoints -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_state_dict_loads_into_fresh_swap(dim: int, x86: qatcore.QConfig) -> None:
+    conv_type = CONV_TYPES[dim]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_type(3, 5, 3), nn.ReLU(), conv_type(5, 6, 1))
+    trained = qatcore.swap_modules(model, x86)
+    x = torch.randn(2, 3, *SPATIAL[dim])
+    _train_steps(trained, x)
+    fresh = qatcore.swap_modules(copy.deepcopy(model), x86)
+
+    fresh.load_state_dict(trained.state_dict(), strict=True)
+
+    assert fresh[0].weight_fake_quant.scale.shape == (5,)
+    assert fresh[2].weight_fake_quant.zero_point.shape == (6,)
+    for qat in (trained, fresh):
+        qat.eval()
+        qatcore.freeze_observers(qat)
+    assert torch.equal(fresh(x), trained(x))
+
+
+def test_state_dict_channel_mismatch_names_key(x86: qatcore.QConfig) -> None:
+    trained = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 5, 3)), x86)
+    other = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3)), x86)
+
+    with pytest.raises(RuntimeError, match=r"0\.weight_fake_quant\.scale"):
+        other.load_state_dict(trained.state_dict())
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_state_dict_loads_with_weights_only(dim: int, tmp_path, x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(CONV_TYPES[dim](2, 3, 1), nn.ReLU())
+    trained = qatcore.swap_modules(model, x86)
+    _train_steps(trained, torch.randn(2, 2, *SPATIAL[dim]))
+    path = tmp_path / "qat.pt"
+    torch.save(trained.state_dict(), path)
+
+    state = torch.load(path, weights_only=True)
+    fresh = qatcore.swap_modules(model, x86)
+    fresh.load_state_dict(state, strict=True)
+
+    assert torch.equal(fresh[0].output_fake_quant.scale, trained[0].output_fake_quant.scale)
+
+
+# -- pickle and deepcopy ------------------------------------------------------
+
+
+class TiedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 3, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+        self.block[0].weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.first(x))
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_qat_model_round_trips(how: str, x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(TiedNet(), x86)
+    x = torch.randn(2, 3, 6, 6)
+    _train_steps(qat, x)
+
+    clone = pickle.loads(pickle.dumps(qat)) if how == "pickle" else copy.deepcopy(qat)
+
+    assert clone.block[0].weight is clone.first.weight
+    for key, value in qat.state_dict().items():
+        assert torch.equal(clone.state_dict()[key], value), key
+    qat.eval()
+    clone.eval()
+    assert torch.equal(clone(x), qat(x))
+    _train_steps(clone, x, steps=1)
+    assert torch.equal(clone.block[0].weight, clone.first.weight)
+
+
+def test_tied_weights_stay_tied_after_swap(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(TiedNet(), x86)
+
+    assert qat.block[0].weight is qat.first.weight
+
+
+# -- hooks -----------------------------------------------------------------------
+
+
+def test_forward_hooks_survive_swap(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(("pre", type(module))))
+    model[0].register_forward_hook(lambda module, args, out: seen.append(("post", out.shape)))
+
+    qat = qatcore.swap_modules(model, x86)
+    qat(torch.randn(1, 3, 5, 5))
+
+    assert seen == [("pre", qatcore_conv.Conv2d), ("post", torch.Size([1, 4, 3, 3]))]
+
+
+def test_forward_hook_on_conv_blocks_fusion(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    outputs = []
+    model[0].register_forward_hook(lambda module, args, out: outputs.append(out))
+
+    decisions = qatcore.plan(model, x86)
+    qat = qatcore.swap_modules(model, x86)
+    qat(torch.randn(1, 3, 5, 5))
+
+    assert decisions[0].action == "swap"
+    assert "not fused: 0 has forward hooks" in decisions[0].reason
+    assert type(qat[0]) is qatcore_conv.Conv2d
+    assert type(qat[1]) is nn.ReLU
+    assert outputs[0].min() < 0, "the hook must see the conv output before the ReLU"
+
+
+# -- qconfig mappings -----------------------------------------------------------
+
+
+def test_qconfig_mapping_by_prefix_and_type(x86: qatcore.QConfig) -> None:
+    weight_only = qatcore.QConfig(weight=x86.weight)
+    mapping = {"": x86, "audio_block": None, nn.Conv3d: weight_only, "video": x86}
+
+    decisions = {entry.name: entry for entry in qatcore.plan(MixedConvNet(), mapping)}
+
+    assert decisions["audio"].qconfig == x86
+    assert decisions["audio_block.0"].action == "keep"
+    assert decisions["audio_block.0"].reason == "the qconfig maps it to None"
+    assert decisions["video"].qconfig == x86, "a name key wins over a type key"
+
+
+def test_qconfig_type_key_applies_without_global(x86: qatcore.QConfig) -> None:
+    decisions = {entry.name: entry for entry in qatcore.plan(MixedConvNet(), {nn.Conv2d: x86})}
+
+    assert decisions["image"].action == "swap"
+    assert decisions["audio"].action == "keep"
+
+
+def test_qconfig_unknown_name_raises(x86: qatcore.QConfig) -> None:
+    with pytest.raises(qatcore.SwapError, match="'imag' matches no module"):
+        qatcore.plan(MixedConvNet(), {"imag": x86})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [42, {"image": 3}, {3: None}],
+    ids=["not-a-mapping", "bad-value", "bad-key"],
+)
+def test_qconfig_bad_type_raises(bad: object) -> None:
+    with pytest.raises(TypeError, match="qconfig"):
+        qatcore.plan(MixedConvNet(), bad)
+
+
+def test_out_of_range_weight_axis_raises_at_swap() -> None:
+    qconfig = qatcore.QConfig(weight=qatcore.QuantSpec(axis=4))
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+    with pytest.raises(qatcore.SwapError, match=r"0\.0 \(Conv2d\).*axis 4.*shape \(4, 3, 3, 3\)"):
+        qatcore.swap_modules(model, {"0": qconfig})
+
+
+# -- back to float -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_to_float_matches_qat_without_fake_quant(dim: int, x86: qatcore.QConfig) -> None:
+    conv_type = CONV_TYPES[dim]
+    model = nn.Sequential(conv_type(3, 4, 3, padding="same"), nn.ReLU(), conv_type(4, 2, 1))
+    qat = qatcore.swap_modules(model, x86)
+    x = torch.randn(2, 3, *SPATIAL[dim])
+    _train_steps(qat, x)
+
+    restored = qatcore.to_float(qat)
+
+    assert [type(module) for module in restored] == [conv_type, nn.ReLU, conv_type]
+    qatcore.enable_fake_quant(qat, enabled=False)
+    assert torch.equal(restored(x), qat(x))
+    qat_pointers = {tensor.data_ptr() for tensor in qat.state_dict().values()}
+    assert not any(tensor.data_ptr() in qat_pointers for tensor in restored.state_dict().values())
+
+
+def test_to_float_of_root_returns_float_conv(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(nn.Conv2d(3, 4, 3, bias=False), x86)
+
+    restored = qatcore.to_float(qat)
+
+    assert type(restored) is nn.Conv2d
+    assert restored.bias is None
+    assert torch.equal(restored.weight, qat.weight)
+    assert restored.weight.data_ptr() != qat.weight.data_ptr()
+
+
+def test_freeze_observers_keeps_qparams(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3)), x86)
+    _train_steps(qat, torch.randn(2, 3, 6, 6))
+    scale = qat[0].output_fake_quant.scale.clone()
+
+    qatcore.freeze_observers(qat)
+    _train_steps(qat, torch.randn(2, 3, 6, 6) * 100)
+
+    assert torch.equal(qat[0].output_fake_quant.scale, scale)
+
+
+def test_eval_mode_does_not_observe(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3)), x86)
+    _train_steps(qat, torch.randn(2, 3, 6, 6))
+    scale = qat[0].output_fake_quant.scale.clone()
+
+    qat.eval()
+    qat(torch.randn(2, 3, 6, 6) * 100)
+
+    assert torch.equal(qat[0].output_fake_quant.scale, scale)
