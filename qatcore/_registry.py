@@ -24,8 +24,8 @@ Kernel = Callable[..., torch.Tensor]
 ObserverFactory = Callable[..., "Observer"]
 """Build an observer: ``factory(spec, channels, **spec.observer_options)``."""
 
-# First-party plugins and what they provide, so that a lookup that misses can
-# say which distribution to install.
+# First-party plugins and what they provide, so that the error of a missed
+# lookup can name the distribution to install.
 _PROVIDERS: dict[str, dict[object, str]] = {
     "module mapping": {
         nn.Conv1d: "qatcore-conv",

@@ -54,8 +54,8 @@ _OTHER_HOOKS = (
 class FusedAway(nn.Identity):
     """Placeholder left where a module was fused into the module before it.
 
-    It keeps the indices of an ``nn.Sequential`` valid and tells
-    :func:`to_float` where to put the float module back.
+    It keeps the indices of an ``nn.Sequential`` valid and marks the slot
+    where :func:`to_float` puts the float module back.
     """
 
     def __init__(self, float_type_name: str = "") -> None:
@@ -68,7 +68,7 @@ class FusedAway(nn.Identity):
 
 @attrs.frozen
 class PlanEntry:
-    """What happens to one module, or to one group of fused modules.
+    """The decision for one module, or for one group of fused modules.
 
     Attributes:
         name: Qualified name of the module (the first one of a fused group);

@@ -1,1 +1,11 @@
-"""Entry point of the qatcore-cpu plugin."""
+"""Entry point of the qatcore-cpu plugin: registers the CPU fake-quant kernel."""
+
+from __future__ import annotations
+
+from qatcore import Registry, hookimpl
+from qatcore_cpu.kernel import fake_quantize_cpu
+
+
+@hookimpl
+def qatcore_register_kernels(registry: Registry) -> None:
+    registry.register_kernel("default", "cpu", fake_quantize_cpu)
