@@ -308,3 +308,37 @@ def test_statistics_stay_float32_after_half() -> None:
     assert fake_quant.zero_point.dtype == torch.int32
     assert fake_quant.observer.min_val.dtype == torch.float32
     assert fake_quant.observer.nonfinite_batches.dtype == torch.int64
+
+
+# -- the training scale is the conversion scale ---------------------------------------
+
+TRAINING_SCALE_CASES = {
+    "int4": (qatcore.QuantSpec(bits=4, axis=0), [[-1.149422, 0.3, 2.533506]], [2.533506 / 7.5]),
+    "int8": (qatcore.QuantSpec(bits=8, axis=0), [[-1.149422, 0.3, 2.533506]], [2.533506 / 127.5]),
+    "zero-channel": (
+        qatcore.QuantSpec(bits=8, axis=0),
+        [[0.0, 0.0, 0.0], [1e-7, -3e-7, 2e-7]],
+        [torch.finfo(torch.float32).eps, torch.finfo(torch.float32).eps],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "rows", "expected"),
+    list(TRAINING_SCALE_CASES.values()),
+    ids=list(TRAINING_SCALE_CASES),
+)
+def test_training_scale_is_conversion_scale(
+    spec: qatcore.QuantSpec, rows: list[list[float]], expected: list[float]
+) -> None:
+    weight = torch.tensor(rows)
+    fake_quant = qatcore.FakeQuantize(spec, channels=len(rows))
+
+    output = fake_quant(weight)
+    scale, zero_point = fake_quant.qparams()
+
+    assert scale.tolist() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(zero_point, torch.zeros(len(rows), dtype=torch.int32))
+    assert torch.equal(scale, fake_quant.observer.calculate_qparams()[0])
+    codes = output / scale.reshape(-1, 1)
+    assert (codes - torch.round(codes)).abs().max().item() < 1e-5
