@@ -116,6 +116,8 @@ class PluginManager:
         self._failures: list[PluginFailure] = []
         self._blocked: list[str] = []
         self._autoloaded = False
+        self._attempted: set[tuple[str, str, str | None]] = set()
+        self._strict_error: PluginError | None = None
         self._registry: Registry | None = None
         self._user = Registry(plugin="user")
 
@@ -127,11 +129,13 @@ class PluginManager:
     # -- discovery ---------------------------------------------------------
 
     def _autoload(self) -> None:
+        if self._strict_error is not None:
+            raise self._strict_error
         if self._autoloaded:
             return
-        self._autoloaded = True
         if _env_flag(ENV_DISABLE_AUTOLOAD):
             logger.debug("%s is set: entry points are not loaded", ENV_DISABLE_AUTOLOAD)
+            self._autoloaded = True
             return
 
         blocked = _env_names(ENV_BLOCK)
@@ -148,22 +152,40 @@ class PluginManager:
                 logger.debug("plugin %r is blocked by %s", entry_point.name, ENV_BLOCK)
                 self._blocked.append(entry_point.name)
                 continue
-            if self._pm.has_plugin(entry_point.name):
+            key = (entry_point.name, entry_point.value, source.distribution)
+            if key in self._attempted:
+                continue
+            self._attempted.add(key)
+            taken = self._sources.get(entry_point.name)
+            if taken is not None:
+                duplicate = ValueError(
+                    f"entry point name {entry_point.name!r} of {source.distribution} is taken "
+                    f"by {taken.distribution} {taken.version}; uninstall one of them"
+                )
+                self._fail(entry_point.name, source, "import", duplicate)
                 continue
             try:
                 plugin = entry_point.load()
                 self._pm.register(plugin, name=entry_point.name)
+                self._pm.check_pending()
             except Exception as error:
+                if self._pm.has_plugin(entry_point.name):
+                    self._pm.unregister(name=entry_point.name)
                 self._fail(entry_point.name, source, "import", error)
                 continue
             self._sources[entry_point.name] = source
+        self._autoloaded = True
 
     def _fail(self, name: str, source: _Source, stage: str, error: Exception) -> None:
         failure = PluginFailure(name, source.distribution, source.version, stage, error)
         if self.strict:
-            raise PluginError(
+            # Kept and raised again on every later lookup, so that strict
+            # mode never carries on with a partial set of plugins.
+            self._strict_error = PluginError(
                 failure.describe(), plugin=name, distribution=source.distribution
-            ) from error
+            )
+            self._strict_error.__cause__ = error
+            raise self._strict_error
         logger.warning("%s; the other plugins still load", failure.describe(), exc_info=error)
         self._failures.append(failure)
 
@@ -181,7 +203,11 @@ class PluginManager:
         self._autoload()
         try:
             registered = self._pm.register(plugin, name=name)
+            self._pm.check_pending()
         except ValueError as error:
+            raise ValueError(f"cannot register plugin {name or plugin!r}: {error}") from None
+        except pluggy.PluginValidationError as error:
+            self._pm.unregister(plugin)
             raise ValueError(f"cannot register plugin {name or plugin!r}: {error}") from None
         # pluggy returns None only for names blocked on its own manager, which
         # this manager never blocks.
@@ -214,6 +240,8 @@ class PluginManager:
     @property
     def registry(self) -> Registry:
         """The registry built from every loaded plugin and the user's own registrations."""
+        if self._strict_error is not None:
+            raise self._strict_error
         if self._registry is None:
             self._registry = self._build()
         return self._registry

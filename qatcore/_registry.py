@@ -143,6 +143,11 @@ class Table(Mapping[K, V]):
         return [key for key, entry in self._entries.items() if entry.plugin == plugin]
 
 
+def _check_name(what: str, value: object, example: str = "") -> None:
+    if not isinstance(value, str) or not value:
+        raise RegistryError(f"{what} must be a non-empty str{example}, got {value!r}")
+
+
 def _check_type(kind: str, value: object, base: type | None = None) -> None:
     if not isinstance(value, type) or (base is not None and not issubclass(value, base)):
         expected = f"a subclass of {describe_key(base)}" if base is not None else "a class"
@@ -231,6 +236,7 @@ class Registry:
         Raises:
             RegistryError: ``factory`` is not callable, or ``name`` is taken.
         """
+        _check_name("observer name", name)
         if not callable(factory):
             raise RegistryError(f"observer factory for {name!r} must be callable, got {factory!r}")
         self.observers.add(name, factory, plugin=self.plugin, override=override)
@@ -244,6 +250,8 @@ class Registry:
             RegistryError: ``kernel`` is not callable, ``name`` is
                 ``"reference"`` (the core's own), or the pair is taken.
         """
+        _check_name("kernel name", name)
+        _check_name("device type", device_type, " such as 'cpu' or 'cuda'")
         if not callable(kernel):
             raise RegistryError(f"kernel {name!r} for {device_type!r} must be callable")
         if name == "reference":
@@ -261,6 +269,7 @@ class Registry:
         """
         from qatcore._config import QConfig
 
+        _check_name("qconfig name", name)
         if not isinstance(qconfig, QConfig):
             raise RegistryError(f"qconfig {name!r} must be a QConfig, got {qconfig!r}")
         self.qconfigs.add(name, qconfig, plugin=self.plugin, override=override)
