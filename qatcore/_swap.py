@@ -111,7 +111,8 @@ class Plan(Sequence[PlanEntry]):
         swapped = len(self.by_action(SWAP))
         fused = len(self.by_action(FUSE))
         kept = len(self.by_action(KEEP))
-        return f"{swapped} swapped, {fused} fused groups, {kept} kept float"
+        groups = "group" if fused == 1 else "groups"
+        return f"{swapped} swapped, {fused} fused {groups}, {kept} kept float"
 
     def table(self) -> str:
         """Return the plan as an aligned text table."""

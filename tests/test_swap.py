@@ -71,7 +71,7 @@ def test_plan_lists_every_leaf_with_reason(x86: qatcore.QConfig) -> None:
     assert by_name["audio_block.0"].members == ("audio_block.0", "audio_block.1")
     assert by_name["norm"].action == "keep"
     assert "no QAT mapping for torch.nn.BatchNorm2d" in by_name["norm"].reason
-    assert decisions.summary() == "3 swapped, 1 fused groups, 1 kept float"
+    assert decisions.summary() == "3 swapped, 1 fused group, 1 kept float"
     table = decisions.table()
     assert "audio_block.0" in table
     assert "no QAT mapping for torch.nn.BatchNorm2d" in table
