@@ -1,0 +1,407 @@
+"""The ``qatcore`` command line: ``plugins``, ``plan`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+from torch import nn
+
+import qatcore
+from qatcore._api import get_qconfig
+from qatcore._plugins import (
+    ENV_BLOCK,
+    ENV_DISABLE_AUTOLOAD,
+    ENV_STRICT,
+    PluginError,
+    _env_flag,
+    plugin_manager,
+)
+from qatcore._protocol import SwapError
+from qatcore._registry import describe_key
+from qatcore._swap import plan
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A command failed; the message is printed as one line and ``exit_code`` is returned."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _usage_error(message: str) -> CommandError:
+    return CommandError(message, EXIT_USAGE)
+
+
+# -- qatcore plugins -------------------------------------------------------
+
+
+def _describe_registration(table: str, key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if table == "kernels" and isinstance(key, tuple):
+        name, device_type = key
+        return f"{name} ({device_type})"
+    return describe_key(key)
+
+
+def _plugin_rows() -> list[tuple[str, str, str, list[str]]]:
+    rows = []
+    for info in plugin_manager().plugins():
+        registered = [
+            f"{table}: " + ", ".join(_describe_registration(table, key) for key in keys)
+            for table, keys in info.registrations.items()
+        ]
+        rows.append(
+            (
+                info.name,
+                info.distribution or "(in-process)",
+                info.version or "-",
+                registered or ["nothing"],
+            )
+        )
+    return rows
+
+
+def _format_plugin_table(rows: list[tuple[str, str, str, list[str]]]) -> list[str]:
+    header = ("plugin", "distribution", "version")
+    widths = [max(len(header[column]), *(len(row[column]) for row in rows)) for column in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths)) + "  registered"]
+    lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 10)
+    indent = " " * (sum(widths) + 2 * len(widths))
+    for name, distribution, version, registered in rows:
+        cells = (name, distribution, version)
+        first = "  ".join(cell.ljust(width) for cell, width in zip(cells, widths))
+        lines.append(f"{first}  {registered[0]}")
+        lines.extend(indent + line for line in registered[1:])
+    return lines
+
+
+def _run_plugins(args: argparse.Namespace) -> int:
+    manager = plugin_manager()
+    try:
+        rows = _plugin_rows()
+        failures = manager.failures()
+    except PluginError as error:
+        raise CommandError(f"{error} ({ENV_STRICT} is set)") from None
+
+    if rows:
+        _print_lines(_format_plugin_table(rows))
+    else:
+        print("no plugins are loaded")
+    if _env_flag(ENV_DISABLE_AUTOLOAD):
+        print(f"\n{ENV_DISABLE_AUTOLOAD} is set, so installed entry points are not loaded")
+    blocked = manager.blocked()
+    if blocked:
+        print(f"\nblocked by {ENV_BLOCK}: {', '.join(blocked)}")
+    if failures:
+        print("\nfailed to load:")
+        _print_lines(f"  {failure.describe()}" for failure in failures)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+# -- qatcore plan ----------------------------------------------------------
+
+
+def _load_factory(target: str) -> tuple[str, Callable[[], object]]:
+    module_name, colon, attribute = target.partition(":")
+    if not colon or not module_name or not attribute:
+        raise _usage_error(
+            f"invalid model factory {target!r}: expected MODULE:FACTORY, "
+            "for example mymodels:build_model"
+        )
+
+    # A console script does not put the working directory on sys.path, but
+    # `qatcore plan mymodels:build` is meant to find ./mymodels.py.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name or module_name.startswith(f"{error.name}."):
+            raise _usage_error(
+                f"cannot import module {module_name!r}: no module of that name was found; "
+                "check the spelling, and run from the folder that contains it or add that "
+                "folder to PYTHONPATH"
+            ) from None
+        raise _usage_error(
+            f"cannot import module {module_name!r}: {error}; install the missing package"
+        ) from None
+    except Exception as error:
+        raise _usage_error(
+            f"cannot import module {module_name!r}: {type(error).__name__}: {error}"
+        ) from None
+
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        names = [name for name in vars(module) if not name.startswith("_")]
+        close = difflib.get_close_matches(attribute, names, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise _usage_error(f"module {module_name!r} has no attribute {attribute!r}{hint}")
+    if not callable(factory):
+        raise _usage_error(
+            f"{target} is not callable (type {type(factory).__name__}); point MODULE:FACTORY "
+            "at a function or class that builds the model"
+        )
+    return target, factory
+
+
+def _build_model(target: str, factory: Callable[[], object]) -> nn.Module:
+    try:
+        model = factory()
+    except Exception as error:
+        hint = "; the factory is called without arguments" if isinstance(error, TypeError) else ""
+        raise CommandError(
+            f"calling {target}() failed: {type(error).__name__}: {error}{hint}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise _usage_error(
+            f"{target}() returned a {type(model).__name__}, expected a torch.nn.Module; "
+            "point MODULE:FACTORY at a function or class that builds the model"
+        )
+    return model
+
+
+def _lookup_qconfig(name: str) -> qatcore.QConfig:
+    try:
+        return get_qconfig(name)
+    except KeyError as error:
+        detail = error.args[0] if error.args else ""
+        if "install the" not in detail:
+            detail += "; pass one of the registered names to --qconfig"
+        raise _usage_error(f"unknown qconfig {name!r}: {detail}") from None
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    # Cheap checks first: the factory is called last because building a
+    # model can take long.
+    target, factory = _load_factory(args.model)
+    qconfig = _lookup_qconfig(args.qconfig)
+    model = _build_model(target, factory)
+    try:
+        decisions = plan(model, qconfig)
+    except SwapError as error:
+        raise CommandError(f"cannot plan {args.model}: {error}") from None
+    print(decisions.table())
+    print()
+    print(decisions.summary())
+    return EXIT_OK
+
+
+# -- qatcore demo ----------------------------------------------------------
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from qatcore import _demo
+
+    _lookup_qconfig(args.qconfig)
+    progress = None if args.no_progress else _demo.ProgressBar(sys.stderr)
+    print(
+        "Training a small CNN on scikit-learn's digits images: "
+        f"seed {args.seed}, {args.epochs} float and {args.qat_epochs} QAT epochs, "
+        f"{args.qconfig} preset"
+    )
+    sys.stdout.flush()
+    try:
+        result = _demo.run_demo(
+            epochs=args.epochs,
+            qat_epochs=args.qat_epochs,
+            seed=args.seed,
+            qconfig_name=args.qconfig,
+            samples=args.samples,
+            output=args.output,
+            progress=progress,
+        )
+    except (_demo.MissingDependencyError, SwapError) as error:
+        raise CommandError(str(error)) from None
+    except OSError as error:
+        raise CommandError(f"cannot write the state_dict to {args.output}: {error}") from None
+
+    change = 100 * (result.qat_accuracy - result.float_accuracy)
+    print()
+    print(f"Swap plan ({result.qconfig_name}):")
+    print(result.plan.table())
+    print(result.plan.summary())
+    print()
+    print(f"Test accuracy on {result.test_size} images ({result.train_size} for training):")
+    print(f"  float: {100 * result.float_accuracy:6.2f}%")
+    print(f"  QAT:   {100 * result.qat_accuracy:6.2f}%  ({change:+.2f} points, eval mode)")
+    print(f"Trained and evaluated in {result.seconds:.1f} s")
+    if result.state_dict_path is not None:
+        print(f"QAT state_dict saved to {result.state_dict_path}")
+    return EXIT_OK
+
+
+# -- parser and entry point ------------------------------------------------
+
+
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from qatcore import _demo
+
+    parser = argparse.ArgumentParser(
+        prog="qatcore",
+        description="Quantization-aware training for PyTorch: inspect plugins, plan a swap, "
+        "run the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"qatcore {qatcore.__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log debug messages, with tracebacks, on stderr",
+    )
+    commands = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+
+    plugins = commands.add_parser(
+        "plugins",
+        help="list the installed plugins and what each registered",
+        description="List the loaded plugins with their distribution, version and "
+        "registrations, then the plugins that failed to load (exit code 1) and the blocked "
+        "ones.",
+    )
+    plugins.set_defaults(run=_run_plugins)
+
+    plan_parser = commands.add_parser(
+        "plan",
+        help="show what swap_modules would do to a model",
+        description="Import MODULE, call FACTORY() to build a model, and print its swap plan. "
+        "The working directory is searched for MODULE first.",
+    )
+    plan_parser.add_argument(
+        "model", metavar="MODULE:FACTORY", help="a function or class that builds the model"
+    )
+    plan_parser.add_argument(
+        "--qconfig", default="x86", metavar="NAME", help="preset QConfig (default: x86)"
+    )
+    plan_parser.set_defaults(run=_run_plan)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a CNN on digits, swap it to QAT, and compare accuracies",
+        description="Train a small CNN on scikit-learn's digits images, swap it to QAT with a "
+        "preset, fine-tune it, and print float and QAT test accuracy and the swap plan.",
+    )
+    demo.add_argument(
+        "--epochs",
+        type=_at_least(1),
+        default=_demo.DEFAULT_EPOCHS,
+        help=f"float training epochs (default: {_demo.DEFAULT_EPOCHS})",
+    )
+    demo.add_argument(
+        "--qat-epochs",
+        type=_at_least(1),
+        default=_demo.DEFAULT_QAT_EPOCHS,
+        help=f"QAT fine-tuning epochs (default: {_demo.DEFAULT_QAT_EPOCHS})",
+    )
+    demo.add_argument(
+        "--seed",
+        type=_at_least(0),
+        default=0,
+        help="seed of the initial weights and batch order (default: 0)",
+    )
+    demo.add_argument(
+        "--qconfig", default="x86", metavar="NAME", help="preset QConfig (default: x86)"
+    )
+    demo.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help=f"save the QAT state_dict as DIR/{_demo.STATE_DICT_NAME}, creating DIR",
+    )
+    demo.add_argument(
+        "--samples",
+        type=_at_least(_demo.MIN_SAMPLES, _demo.DIGITS_SAMPLES),
+        metavar="N",
+        help=f"use N of the {_demo.DIGITS_SAMPLES} images, for a shorter run (default: all)",
+    )
+    demo.add_argument(
+        "--no-progress", action="store_true", help="do not draw progress bars on stderr"
+    )
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Format a record without its traceback, for users who did not ask for ``--verbose``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        brief = logging.makeLogRecord(record.__dict__)
+        brief.exc_info = None
+        brief.exc_text = None
+        return super().format(brief)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: bool) -> Iterator[None]:
+    logger = logging.getLogger("qatcore")
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose:
+        handler.setFormatter(logging.Formatter("qatcore: %(levelname)s: %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(_OneLineFormatter("qatcore: %(levelname)s: %(message)s"))
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
+def _print_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``qatcore`` command line and return its exit code.
+
+    Exit codes: 0 on success, 1 when a command fails (a plugin failed to
+    load, the model factory raised, the demo cannot run), 2 for invalid
+    arguments.
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        # --help and --version exit with 0, invalid arguments with 2.
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+
+    with _logging_to_stderr(args.verbose):
+        try:
+            return args.run(args)
+        except CommandError as error:
+            print(f"qatcore {args.command}: error: {error}", file=sys.stderr)
+            return error.exit_code

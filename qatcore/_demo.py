@@ -1,0 +1,375 @@
+"""The ``qatcore demo`` job: train a small CNN on digits, swap it to QAT, fine-tune, compare.
+
+The images are the 1,797 8x8 handwritten digits that scikit-learn ships
+(``sklearn.datasets.load_digits``), so nothing is downloaded. Every step is a
+function that tests call with small sizes; :func:`run_demo` chains them.
+Nothing here prints: progress goes to a callback, results come back as a
+:class:`DemoResult`, and the CLI writes both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatcore._api import get_qconfig
+from qatcore._swap import Plan, plan, swap_modules
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "DEFAULT_QAT_EPOCHS",
+    "DIGITS_SAMPLES",
+    "MIN_SAMPLES",
+    "STATE_DICT_NAME",
+    "DemoResult",
+    "DigitsSplit",
+    "MissingDependencyError",
+    "ProgressBar",
+    "TrainingStep",
+    "build_model",
+    "evaluate",
+    "load_digits_split",
+    "run_demo",
+    "train",
+]
+
+DIGITS_SAMPLES = 1797
+"""Number of images in scikit-learn's digits data set."""
+
+MIN_SAMPLES = 50
+"""Minimum number of images per run, so that the stratified test split has every class."""
+
+SPLIT_SEED = 0
+"""Seed of the train/test split, fixed so that every training seed is scored on the same images."""
+
+TEST_FRACTION = 0.2
+PIXEL_MAX = 16.0
+"""The digits pixels are integers from 0 to 16."""
+
+DEFAULT_EPOCHS = 20
+DEFAULT_QAT_EPOCHS = 5
+DEFAULT_BATCH_SIZE = 32
+FLOAT_LEARNING_RATE = 3e-3
+QAT_LEARNING_RATE = 3e-4
+STATE_DICT_NAME = "qat_state_dict.pt"
+
+DEMO_THREADS = 1
+"""Intra-op threads while the demo runs.
+
+Batches of 32 images of 8x8 pixels are too small to gain from more threads.
+On a 2-core machine whose other core was busy, a default run with two
+threads took 50-80 s instead of 8-12 s with one (torch 2.13.0, CPU build),
+because each thread waits for the other. One thread also makes the results
+independent of the machine's core count.
+"""
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency of the demo is not installed."""
+
+
+@attrs.frozen
+class DigitsSplit:
+    """The digits images as float32 tensors of shape ``(N, 1, 8, 8)`` in [0, 1], with labels."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@attrs.frozen
+class TrainingStep:
+    """One optimizer step, as reported to a progress callback.
+
+    Attributes:
+        stage: ``"float"`` or ``"qat"``.
+        epoch: 1-based epoch number.
+        epochs: Number of epochs of this stage.
+        step: 1-based step number within the epoch.
+        steps: Number of steps per epoch.
+        loss: The batch's cross-entropy loss.
+    """
+
+    stage: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+
+
+@attrs.frozen
+class DemoResult:
+    """Accuracies, plan and model of one :func:`run_demo` call.
+
+    Attributes:
+        float_accuracy: Test accuracy of the float model, in [0, 1].
+        qat_accuracy: Test accuracy of the QAT model in eval mode, in [0, 1].
+        plan: The swap plan applied to the float model.
+        qat_model: The fine-tuned QAT model, in eval mode.
+        qconfig_name: Name of the preset QConfig used.
+        train_size: Number of training images.
+        test_size: Number of test images.
+        seconds: Wall time of training, swap and evaluation.
+        state_dict_path: Where the QAT ``state_dict`` was saved, if it was.
+    """
+
+    float_accuracy: float
+    qat_accuracy: float
+    plan: Plan
+    qat_model: nn.Module
+    qconfig_name: str
+    train_size: int
+    test_size: int
+    seconds: float
+    state_dict_path: Path | None = None
+
+
+ProgressCallback = Callable[[TrainingStep], None]
+
+
+def load_digits_split(samples: int | None = None) -> DigitsSplit:
+    """Load scikit-learn's digits and split them 80/20, stratified by class, with a fixed seed.
+
+    Args:
+        samples: Use a stratified subset of this many images instead of all
+            1,797, for short runs.
+
+    Raises:
+        MissingDependencyError: scikit-learn is not installed.
+        ValueError: ``samples`` is below :data:`MIN_SAMPLES` or above
+            :data:`DIGITS_SAMPLES`.
+    """
+    if samples is not None and not MIN_SAMPLES <= samples <= DIGITS_SAMPLES:
+        raise ValueError(
+            f"samples must be between {MIN_SAMPLES} and {DIGITS_SAMPLES}, got {samples}"
+        )
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        raise MissingDependencyError(
+            "the demo needs scikit-learn for its digits images, and it is not installed "
+            f"({error}); install it with: pip install 'qatcore[demo]'"
+        ) from error
+
+    digits = load_digits()
+    images = digits.images
+    labels = digits.target
+    if samples is not None and samples < len(labels):
+        images, _, labels, _ = train_test_split(
+            images, labels, train_size=samples, random_state=SPLIT_SEED, stratify=labels
+        )
+    train_images, test_images, train_labels, test_labels = train_test_split(
+        images, labels, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels
+    )
+    return DigitsSplit(
+        _to_image_tensor(train_images),
+        torch.as_tensor(train_labels, dtype=torch.int64),
+        _to_image_tensor(test_images),
+        torch.as_tensor(test_labels, dtype=torch.int64),
+    )
+
+
+def _to_image_tensor(images: object) -> torch.Tensor:
+    tensor = torch.as_tensor(images, dtype=torch.float32) / PIXEL_MAX
+    return tensor.unsqueeze(1)
+
+
+def build_model() -> nn.Sequential:
+    """Build the demo CNN for ``(N, 1, 8, 8)`` images: three conv-ReLU pairs and a conv head.
+
+    The conv-ReLU pairs are consecutive children of one ``nn.Sequential``,
+    so a preset fuses each of them. The head conv is swapped on its own,
+    and the pooling and flatten layers stay float.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 16, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 10, kernel_size=2),
+        nn.Flatten(),
+    )
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    learning_rate: float,
+    generator: torch.Generator,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stage: str = "float",
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Train ``model`` in place with Adam and cross-entropy, shuffling with ``generator``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    steps = math.ceil(len(labels) / batch_size)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(labels), generator=generator)
+        for step in range(1, steps + 1):
+            batch = order[(step - 1) * batch_size : step * batch_size]
+            loss = F.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if progress is not None:
+                progress(TrainingStep(stage, epoch, epochs, step, steps, loss.item()))
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Put ``model`` in eval mode and return the fraction of ``images`` it labels correctly."""
+    model.eval()
+    with torch.no_grad():
+        predictions = model(images).argmax(dim=1)
+    return int((predictions == labels).sum()) / len(labels)
+
+
+def run_demo(
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    qat_epochs: int = DEFAULT_QAT_EPOCHS,
+    seed: int = 0,
+    qconfig_name: str = "x86",
+    samples: int | None = None,
+    output: Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> DemoResult:
+    """Train the float CNN, swap it to QAT with a preset, fine-tune it, and score both.
+
+    The same ``seed`` gives the same weights, batches and accuracies on the
+    same CPU type and torch build; the train/test split never depends on it.
+    Training runs on :data:`DEMO_THREADS` intra-op threads. The caller's
+    global random state and thread count are left as they were.
+
+    Args:
+        epochs: Float training epochs.
+        qat_epochs: QAT fine-tuning epochs.
+        seed: Seed of the initial weights and of the batch order.
+        qconfig_name: Preset QConfig to swap with, as ``qatcore.get_qconfig`` names it.
+        samples: Use this many images instead of all 1,797.
+        output: Folder to save the QAT ``state_dict`` in, as
+            ``qat_state_dict.pt``; created if missing.
+        progress: Called after every optimizer step.
+
+    Raises:
+        KeyError: No preset QConfig is registered as ``qconfig_name``.
+        MissingDependencyError: scikit-learn is not installed.
+        ValueError: ``epochs`` or ``qat_epochs`` is below 1, or ``samples``
+            is out of range.
+        SwapError: The model cannot be swapped with the preset.
+        OSError: ``output`` cannot be created or written to.
+    """
+    for name, value in (("epochs", epochs), ("qat_epochs", qat_epochs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    qconfig = get_qconfig(qconfig_name)
+    data = load_digits_split(samples)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)  # fails before training, not after
+    started = time.perf_counter()
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model()
+    with _intra_op_threads(DEMO_THREADS):
+        train(
+            model,
+            data.train_images,
+            data.train_labels,
+            epochs=epochs,
+            learning_rate=FLOAT_LEARNING_RATE,
+            generator=generator,
+            progress=progress,
+        )
+        float_accuracy = evaluate(model, data.test_images, data.test_labels)
+
+        swap_plan = plan(model, qconfig)
+        qat_model = swap_modules(model, qconfig)
+        train(
+            qat_model,
+            data.train_images,
+            data.train_labels,
+            epochs=qat_epochs,
+            learning_rate=QAT_LEARNING_RATE,
+            generator=generator,
+            stage="qat",
+            progress=progress,
+        )
+        qat_accuracy = evaluate(qat_model, data.test_images, data.test_labels)
+    seconds = time.perf_counter() - started
+
+    state_dict_path = None
+    if output is not None:
+        state_dict_path = output / STATE_DICT_NAME
+        torch.save(qat_model.state_dict(), state_dict_path)
+
+    return DemoResult(
+        float_accuracy=float_accuracy,
+        qat_accuracy=qat_accuracy,
+        plan=swap_plan,
+        qat_model=qat_model,
+        qconfig_name=qconfig_name,
+        train_size=len(data.train_labels),
+        test_size=len(data.test_labels),
+        seconds=seconds,
+        state_dict_path=state_dict_path,
+    )
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class ProgressBar:
+    """Draw a one-line progress bar per epoch on a text stream.
+
+    On a terminal the line is redrawn in place after each step. On any other
+    stream, such as a log file or a pipe, only the finished line of each
+    epoch is written, so that logs stay readable.
+    """
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.interactive = stream.isatty()
+
+    def __call__(self, step: TrainingStep) -> None:
+        finished = step.step == step.steps
+        if not (self.interactive or finished):
+            return
+        filled = self.WIDTH * step.step // step.steps
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        line = (
+            f"{step.stage:<5} epoch {step.epoch}/{step.epochs} [{bar}] "
+            f"{step.step}/{step.steps} loss {step.loss:.4f}"
+        )
+        prefix = "\r" if self.interactive else ""
+        self.stream.write(prefix + line + ("\n" if finished else ""))
+        self.stream.flush()
