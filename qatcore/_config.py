@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,13 @@ MAX_BITS = 16
 
 def _describe(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
+
+
+def _to_int(value: object) -> object:
+    """Convert integral numbers such as ``numpy.int64`` to int; leave the rest to validators."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _check_bits(instance: QuantSpec, attribute: attrs.Attribute, value: object) -> None:
@@ -95,10 +103,10 @@ class QuantSpec:
         ValueError: A field has the wrong type or a value outside its range.
     """
 
-    bits: int = attrs.field(default=8, validator=_check_bits)
+    bits: int = attrs.field(default=8, converter=_to_int, validator=_check_bits)
     signed: bool = attrs.field(default=True, validator=_check_bool)
     symmetric: bool = attrs.field(default=True, validator=_check_bool)
-    axis: int | None = attrs.field(default=None, validator=_check_axis)
+    axis: int | None = attrs.field(default=None, converter=_to_int, validator=_check_axis)
     narrow_range: bool = attrs.field(default=False, validator=_check_bool)
     observer: str = attrs.field(default="moving_average_minmax", validator=_check_name)
     observer_options: Mapping[str, Any] = attrs.field(

@@ -12,7 +12,7 @@ import attrs
 import pluggy
 
 from qatcore import _hookspecs
-from qatcore._registry import Registry
+from qatcore._registry import FIRST_PARTY, USER, Registry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -118,8 +118,9 @@ class PluginManager:
         self._autoloaded = False
         self._attempted: set[tuple[str, str, str | None]] = set()
         self._strict_error: PluginError | None = None
+        self._logged: set[str] = set()
         self._registry: Registry | None = None
-        self._user = Registry(plugin="user")
+        self._user = Registry(plugin=USER)
 
     @property
     def strict(self) -> bool:
@@ -139,9 +140,24 @@ class PluginManager:
             return
 
         blocked = _env_names(ENV_BLOCK)
+        # First-party plugins load first, so that a third-party plugin that
+        # registers one of their keys is the one reported as conflicting.
         entry_points = sorted(
-            importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
+            importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+            key=lambda ep: (
+                ep.dist is None or ep.dist.metadata["Name"] not in FIRST_PARTY,
+                ep.name,
+            ),
         )
+        unknown = blocked - {entry_point.name for entry_point in entry_points}
+        if unknown:
+            logger.warning(
+                "%s names %s, which match no installed qatcore entry point; the entry-point "
+                "names are: %s",
+                ENV_BLOCK,
+                ", ".join(sorted(unknown)),
+                ", ".join(sorted({entry_point.name for entry_point in entry_points})) or "none",
+            )
         for entry_point in entry_points:
             dist = entry_point.dist
             source = _Source(
@@ -186,8 +202,13 @@ class PluginManager:
             )
             self._strict_error.__cause__ = error
             raise self._strict_error
-        logger.warning("%s; the other plugins still load", failure.describe(), exc_info=error)
         self._failures.append(failure)
+        # The registry is rebuilt after in-process plugin changes; each
+        # failure is logged once, with its traceback at debug level.
+        if failure.describe() not in self._logged:
+            self._logged.add(failure.describe())
+            logger.warning("%s; the other plugins still load", failure.describe())
+            logger.debug("traceback of the failure of plugin %r", name, exc_info=error)
 
     # -- in-process plugins ------------------------------------------------
 
@@ -207,7 +228,8 @@ class PluginManager:
         except ValueError as error:
             raise ValueError(f"cannot register plugin {name or plugin!r}: {error}") from None
         except pluggy.PluginValidationError as error:
-            self._pm.unregister(plugin)
+            if self._pm.is_registered(plugin):
+                self._pm.unregister(plugin)
             raise ValueError(f"cannot register plugin {name or plugin!r}: {error}") from None
         # pluggy returns None only for names blocked on its own manager, which
         # this manager never blocks.
@@ -250,6 +272,7 @@ class PluginManager:
         self._autoload()
         self._failures = [failure for failure in self._failures if failure.stage == "import"]
         registry = Registry(plugin="qatcore")
+        registry.merge(self._user)
         for name, plugin in list(self._pm.list_name_plugin()):
             staging = Registry(plugin=name)
             try:
@@ -259,7 +282,6 @@ class PluginManager:
             except Exception as error:
                 source = self._sources.get(name, _Source())
                 self._fail(name, source, "register", error)
-        registry.merge(self._user, override=True)
         return registry
 
     def _call_hook(self, hook_name: str, plugin: object, staging: Registry) -> None:
@@ -274,19 +296,17 @@ class PluginManager:
         """Register a user's own entry (``kind`` is a ``Registry.register_*`` suffix).
 
         User entries survive plugin changes and are checked against the
-        plugins' entries straight away.
+        plugins' entries straight away. A user entry registered with
+        ``override=True`` also wins over a plugin registered later; without
+        it, such a plugin fails to register with an error naming both.
 
         Raises:
             RegistryError: The entry conflicts with a plugin's, or is malformed.
         """
-        register = getattr(self.registry, f"register_{kind}")
-        previous_plugin = self.registry.plugin
-        self.registry.plugin = self._user.plugin
-        try:
-            register(*args, override=override)
-        finally:
-            self.registry.plugin = previous_plugin
-        getattr(self._user, f"register_{kind}")(*args, override=True)
+        staging = Registry(plugin=USER)
+        getattr(staging, f"register_{kind}")(*args, override=override)
+        self.registry.merge(staging)
+        self._user.merge(staging)
 
     def plugins(self) -> list[PluginInfo]:
         """Return the loaded plugins with their distributions and registrations."""

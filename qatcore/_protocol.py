@@ -159,6 +159,13 @@ class QATConvNd(QATModule):
             raise SwapError(f"{where}: {cls.__name__} is built from ({want}), got ({got})")
         if not isinstance(qconfig, QConfig):
             raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
+        if not isinstance(conv.weight, nn.Parameter):
+            raise SwapError(
+                f"{where}: its weight is a computed {type(conv.weight).__name__}, not a "
+                "Parameter, as hook-based torch.nn.utils.spectral_norm and weight_norm leave "
+                "it; remove them (torch.nn.utils.remove_spectral_norm or remove_weight_norm) "
+                "before swapping"
+            )
 
         qat = cls._from_conv_arguments(conv)
         qat.weight = conv.weight
@@ -218,6 +225,9 @@ class QATConvNd(QATModule):
         if self.activation is not None:
             output = self.activation(output)
         if self.output_fake_quant is not None:
+            if output.dim() < self.weight.dim() and self.output_fake_quant.spec.per_channel:
+                # Unbatched input: add the batch axis so that axis 1 is the channels.
+                return self.output_fake_quant(output.unsqueeze(0)).squeeze(0)
             output = self.output_fake_quant(output)
         return output
 

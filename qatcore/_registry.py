@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -46,6 +47,29 @@ _PROVIDERS: dict[str, dict[object, str]] = {
 }
 
 
+USER = "user"
+"""Plugin name of entries registered with ``qatcore.register_*`` calls."""
+
+
+def install_hint(distribution: str) -> str:
+    """Return the advice for a key that ``distribution`` provides but nobody registered."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return f"install the {distribution} plugin to provide it"
+    return (
+        f"the {distribution} plugin provides it and is installed but not loaded: it failed "
+        "to load, or QATCORE_BLOCK_PLUGINS or QATCORE_DISABLE_PLUGIN_AUTOLOAD skipped it; "
+        "run `qatcore plugins` to see which"
+    )
+
+
+FIRST_PARTY = frozenset(
+    distribution for provided in _PROVIDERS.values() for distribution in provided.values()
+)
+"""Distributions of the first-party plugins, which load before third-party ones."""
+
+
 class RegistryError(ValueError):
     """A registration conflicts with an earlier one, or is malformed."""
 
@@ -63,10 +87,11 @@ def describe_key(key: object) -> str:
 
 @attrs.frozen
 class Entry(Generic[V]):
-    """A registered value and the name of the plugin that registered it."""
+    """A registered value, the plugin that registered it, and whether it may replace another."""
 
     value: V
     plugin: str
+    override: bool = attrs.field(default=False, eq=False)
 
 
 class Table(Mapping[K, V]):
@@ -110,7 +135,7 @@ class Table(Mapping[K, V]):
         message = f"no {self.kind} registered for {describe_key(key)} (registered: {registered})"
         hint = self.provider_hint(key)
         if hint is not None:
-            message += f"; install the {hint} plugin to provide it"
+            message += "; " + install_hint(hint)
         return message
 
     def add(self, key: K, value: V, *, plugin: str, override: bool = False) -> None:
@@ -120,7 +145,7 @@ class Table(Mapping[K, V]):
             RegistryError: ``key`` is registered already and ``override`` is false.
         """
         self.check_free(key, plugin=plugin, override=override)
-        self._entries[key] = Entry(value, plugin)
+        self._entries[key] = Entry(value, plugin, override)
 
     def check_free(self, key: K, *, plugin: str, override: bool = False) -> None:
         """Raise :class:`RegistryError` if ``key`` is taken and ``override`` is false."""
@@ -131,12 +156,30 @@ class Table(Mapping[K, V]):
                 f"one registered by plugin {previous.plugin!r}; pass override=True to replace it"
             )
 
-    def update(self, other: Table[K, V], *, override: bool = False) -> None:
-        """Add every entry of ``other``, keeping its plugin names, or none on a conflict."""
+    def merge_plan(self, other: Table[K, V]) -> list[tuple[K, Entry[V]]]:
+        """Return the entries of ``other`` that a merge adds, checking every key first.
+
+        An entry of ``other`` registered with ``override=True`` replaces this
+        table's. A user's entry registered with ``override=True`` stays when
+        a plugin registers the same key, and the plugin's entry is dropped.
+
+        Raises:
+            RegistryError: A key is in both tables and neither side overrides.
+        """
+        added = []
         for key, entry in other._entries.items():
-            self.check_free(key, plugin=entry.plugin, override=override)
-        for key, entry in other._entries.items():
-            self._entries[key] = Entry(entry.value, entry.plugin)
+            previous = self._entries.get(key)
+            user_kept = previous is not None and previous.plugin == USER and previous.override
+            if user_kept and entry.plugin != USER:
+                continue
+            self.check_free(key, plugin=entry.plugin, override=entry.override)
+            added.append((key, entry))
+        return added
+
+    def update(self, other: Table[K, V]) -> None:
+        """Add every entry of ``other`` as :meth:`merge_plan` decides, or none on a conflict."""
+        for key, entry in self.merge_plan(other):
+            self._entries[key] = entry
 
     def by_plugin(self, plugin: str) -> list[K]:
         """Return the keys that ``plugin`` registered."""
@@ -146,6 +189,23 @@ class Table(Mapping[K, V]):
 def _check_name(what: str, value: object, example: str = "") -> None:
     if not isinstance(value, str) or not value:
         raise RegistryError(f"{what} must be a non-empty str{example}, got {value!r}")
+
+
+def _describe_types(types: tuple[type, ...]) -> str:
+    return "(" + ", ".join(describe_key(kind) for kind in types) + ")"
+
+
+def _check_device_type(value: object) -> None:
+    _check_name("device type", value, " such as 'cpu' or 'cuda'")
+    try:
+        device_type = torch.device(value).type
+    except RuntimeError:
+        device_type = None
+    if device_type != value:
+        raise RegistryError(
+            f"device type must be a torch device type without an index, such as 'cpu' or "
+            f"'cuda', got {value!r}; kernels are looked up by tensor.device.type"
+        )
 
 
 def _check_type(kind: str, value: object, base: type | None = None) -> None:
@@ -201,6 +261,12 @@ class Registry:
 
         _check_type("float_type", float_type, nn.Module)
         _check_type("qat_type", qat_type, QATModule)
+        declared = getattr(qat_type, "float_types", None)
+        if declared is not None and tuple(declared) != (float_type,):
+            raise RegistryError(
+                f"{describe_key(qat_type)} is built from {_describe_types(declared)} "
+                f"(its float_types), so it cannot be the QAT type of {describe_key(float_type)}"
+            )
         self.modules.add(float_type, qat_type, plugin=self.plugin, override=override)
 
     def register_fusion(
@@ -226,6 +292,12 @@ class Registry:
         for part in pattern:
             _check_type("each fusion pattern member", part, nn.Module)
         _check_type("fused_qat_type", fused_qat_type, QATModule)
+        declared = getattr(fused_qat_type, "float_types", None)
+        if declared is not None and tuple(declared) != pattern:
+            raise RegistryError(
+                f"{describe_key(fused_qat_type)} is built from {_describe_types(declared)} "
+                f"(its float_types), so it cannot fuse {_describe_types(pattern)}"
+            )
         self.fusions.add(pattern, fused_qat_type, plugin=self.plugin, override=override)
 
     def register_observer(
@@ -251,7 +323,7 @@ class Registry:
                 ``"reference"`` (the core's own), or the pair is taken.
         """
         _check_name("kernel name", name)
-        _check_name("device type", device_type, " such as 'cpu' or 'cuda'")
+        _check_device_type(device_type)
         if not callable(kernel):
             raise RegistryError(f"kernel {name!r} for {device_type!r} must be callable")
         if name == "reference":
@@ -274,23 +346,36 @@ class Registry:
             raise RegistryError(f"qconfig {name!r} must be a QConfig, got {qconfig!r}")
         self.qconfigs.add(name, qconfig, plugin=self.plugin, override=override)
 
-    def merge(self, other: Registry, *, override: bool = False) -> None:
-        """Add all of ``other``'s entries, or none when a key is registered in both.
+    def merge(self, other: Registry) -> None:
+        """Add ``other``'s entries, or none of them when one conflicts.
+
+        Each entry keeps the ``override`` flag it was registered with; see
+        :meth:`Table.merge_plan`.
 
         Raises:
-            RegistryError: A key of ``other`` is taken and ``override`` is false.
+            RegistryError: A key is taken and neither entry overrides.
         """
         mine = self.tables()
-        for name, table in other.tables().items():
-            for key in table:
-                mine[name].check_free(key, plugin=table.entry(key).plugin, override=override)
-        for name, table in other.tables().items():
-            mine[name].update(table, override=True)
+        plans = {name: mine[name].merge_plan(table) for name, table in other.tables().items()}
+        for name, added in plans.items():
+            for key, entry in added:
+                mine[name]._entries[key] = entry
 
     def create_observer(self, spec: QuantSpec, channels: int | None) -> Observer:
-        """Build the observer that ``spec`` names."""
+        """Build the observer that ``spec`` names.
+
+        Raises:
+            KeyError: No observer of that name is registered.
+            ValueError: The observer rejects ``spec.observer_options``.
+        """
         factory = self.observers[spec.observer]
-        return factory(spec, channels, **spec.observer_options)
+        try:
+            return factory(spec, channels, **spec.observer_options)
+        except TypeError as error:
+            options = dict(spec.observer_options)
+            raise ValueError(
+                f"observer {spec.observer!r} does not accept observer_options={options}: {error}"
+            ) from None
 
     def registrations(self, plugin: str) -> dict[str, list[object]]:
         """Return, per table, the keys that ``plugin`` registered."""

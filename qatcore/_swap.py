@@ -8,12 +8,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qatcore._config import QConfig
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, SwapError
-from qatcore._registry import Registry, describe_key
+from qatcore._registry import Registry, describe_key, install_hint
 from qatcore._warnings import CoverageWarning
 
 __all__ = [
@@ -79,6 +80,8 @@ class PlanEntry:
         members: Qualified names of every module in a fused group.
         reason: Why it is kept float, or what it becomes.
         qconfig: The QConfig applied, or ``None``.
+        missing_plugin: The first-party distribution that would swap a module
+            kept float for lack of a mapping, or ``None``.
     """
 
     name: str
@@ -88,6 +91,7 @@ class PlanEntry:
     members: tuple[str, ...] = ()
     reason: str = ""
     qconfig: QConfig | None = None
+    missing_plugin: str | None = None
 
 
 class Plan(Sequence[PlanEntry]):
@@ -118,7 +122,7 @@ class Plan(Sequence[PlanEntry]):
         """Return the plan as an aligned text table."""
         rows = [("module", "action", "float type", "becomes / reason")]
         for entry in self._entries:
-            outcome = entry.qat_type.__qualname__ if entry.qat_type is not None else ""
+            outcome = describe_key(entry.qat_type) if entry.qat_type is not None else ""
             if entry.reason:
                 outcome = f"{outcome} ({entry.reason})" if outcome else entry.reason
             rows.append((entry.name or "<root>", entry.action, entry.float_type, outcome))
@@ -216,7 +220,7 @@ def _keep_reason(module: nn.Module, registry: Registry) -> str:
             )
     hint = registry.modules.provider_hint(kind)
     if hint is not None:
-        return f"no QAT mapping for {describe_key(kind)}; install the {hint} plugin"
+        return f"no QAT mapping for {describe_key(kind)}; {install_hint(hint)}"
     return f"no QAT mapping for {describe_key(kind)}"
 
 
@@ -253,22 +257,39 @@ class _Planner:
         qconfig = self.resolve(name, module)
         float_type = type(module).__name__
         qat_type = self.registry.modules.get(type(module))
-        if qat_type is not None:
+        if qat_type is not None and not parametrize.is_parametrized(module):
             if qconfig is None:
                 entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
             else:
+                self._check_qconfig(name, module, qconfig)
                 note = self.notes.get(name, "")
                 entry = PlanEntry(name, SWAP, float_type, qat_type, reason=note, qconfig=qconfig)
             self.entries.append(entry)
             return []
 
+        if parametrize.is_parametrized(module):
+            reason = (
+                "its parameters are parametrized (weight_norm, spectral_norm or another "
+                "torch.nn.utils.parametrize parametrization), which a QAT module cannot take "
+                "over; remove them with torch.nn.utils.parametrize.remove_parametrizations "
+                "before swapping"
+            )
+            self.entries.append(PlanEntry(name, KEEP, float_type, reason=reason))
+            return []
+
         children = [(_join(name, child), sub) for child, sub in module.named_children()]
         if not children:
             if qconfig is None:
-                reason = "the qconfig maps it to None"
+                entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
             else:
-                reason = _keep_reason(module, self.registry)
-            self.entries.append(PlanEntry(name, KEEP, float_type, reason=reason))
+                entry = PlanEntry(
+                    name,
+                    KEEP,
+                    float_type,
+                    reason=_keep_reason(module, self.registry),
+                    missing_plugin=self.registry.modules.provider_hint(type(module)),
+                )
+            self.entries.append(entry)
             return []
         if isinstance(module, nn.Sequential):
             return self._plan_fusions(children)
@@ -286,6 +307,7 @@ class _Planner:
                 continue
             pattern, fused_type, qconfig = group
             members = children[index : index + len(pattern)]
+            self._check_qconfig(members[0][0], members[0][1], qconfig)
             names = tuple(member_name for member_name, _ in members)
             float_types = " + ".join(type(member).__name__ for _, member in members)
             self.entries.append(
@@ -307,12 +329,40 @@ class _Planner:
                 continue
             if not all(type(module) is kind for (_, module), kind in zip(window, pattern)):
                 continue
-            blocked = _hooks_blocking_fusion(window)
+            blocked = _hooks_blocking_fusion(window) or self._qconfigs_blocking_fusion(window)
             if blocked:
                 self.notes[first_name] = f"not fused: {blocked}"
                 continue
             return pattern, fused_type, qconfig
         return None
+
+    def _qconfigs_blocking_fusion(self, window: list[tuple[str, nn.Module]]) -> str:
+        # A fused module has one qconfig, the first member's; a later member
+        # configured otherwise (None included) keeps the group apart.
+        first_name, first = window[0]
+        qconfig = self.resolve(first_name, first)
+        for name, module in window[1:]:
+            if self.resolve(name, module) != qconfig:
+                return f"{name} has a qconfig of its own"
+        return ""
+
+    def _check_qconfig(self, name: str, module: nn.Module, qconfig: QConfig) -> None:
+        """Raise SwapError now if ``qconfig`` names an observer or kernel nobody registered."""
+        for role, spec in (("weight", qconfig.weight), ("output", qconfig.activation)):
+            if spec is None:
+                continue
+            problem = None
+            if spec.observer not in self.registry.observers:
+                problem = self.registry.observers.missing_message(spec.observer)
+            elif spec.kernel not in ("default", "reference") and not any(
+                kernel_name == spec.kernel for kernel_name, _ in self.registry.kernels
+            ):
+                problem = self.registry.kernels.missing_message((spec.kernel, "cpu"))
+            if problem is not None:
+                raise SwapError(
+                    f"{name or '<root>'} ({type(module).__name__}): the {role} spec cannot be "
+                    f"used: {problem}"
+                )
 
 
 def _hooks_blocking_fusion(window: list[tuple[str, nn.Module]]) -> str:
@@ -351,6 +401,12 @@ def _move_hooks(source: nn.Module, target: nn.Module, kinds: tuple[str, ...]) ->
             target.__dict__[kind] = source.__dict__[kind]
 
 
+def _clear_hooks(module: nn.Module, kinds: tuple[str, ...]) -> None:
+    for kind in kinds:
+        if kind in module.__dict__:
+            module.__dict__[kind] = type(module.__dict__[kind])()
+
+
 def _split(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
     return parent, child
@@ -361,26 +417,31 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def _check_coverage(decisions: Plan) -> None:
+def _check_coverage(decisions: Plan, qconfig: QConfigLike) -> None:
     registry = plugin_manager().registry
-    missing = [
-        entry for entry in decisions if entry.action == KEEP and "install the" in entry.reason
-    ]
-    if not missing:
-        return
+    missing = [entry for entry in decisions if entry.action == KEEP and entry.missing_plugin]
     names = ", ".join(entry.name or "<root>" for entry in missing[:5])
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-    if not registry.modules:
+    if missing and not registry.modules:
         raise SwapError(
-            f"no QAT module mappings are registered, so nothing can be swapped ({names}{more} "
-            f"would be); {missing[0].reason}"
+            f"no QAT module mappings are registered, so no module can be swapped; "
+            f"{names}{more} would be: {missing[0].reason}"
         )
-    warnings.warn(
-        f"{len(missing)} modules stay float because no installed plugin maps their type: "
-        f"{names}{more}; {missing[0].reason}",
-        CoverageWarning,
-        stacklevel=3,
-    )
+    if missing:
+        warnings.warn(
+            f"{len(missing)} modules stay float because no loaded plugin maps their type: "
+            f"{names}{more}; {missing[0].reason}",
+            CoverageWarning,
+            stacklevel=3,
+        )
+    elif qconfig is not None and not any(entry.action != KEEP for entry in decisions):
+        kept = ", ".join(sorted({entry.float_type for entry in decisions})) or "none"
+        warnings.warn(
+            f"nothing was swapped: no loaded plugin maps any module type of this model "
+            f"(types: {kept}); qatcore.plan(model, qconfig) lists each module with its reason",
+            CoverageWarning,
+            stacklevel=3,
+        )
 
 
 def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = False) -> nn.Module:
@@ -415,7 +476,7 @@ def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = Fals
             their type is not installed.
     """
     decisions = plan(model, qconfig)
-    _check_coverage(decisions)
+    _check_coverage(decisions, qconfig)
     if inplace and any(entry.name == "" and entry.action != KEEP for entry in decisions):
         raise SwapError(
             f"the model itself ({type(model).__name__}) is swapped to a QAT type, which "
@@ -440,6 +501,10 @@ def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = Fals
             fused = entry.qat_type.from_float(members, entry.qconfig, name=entry.name)
             _move_hooks(members[0], fused, _PRE_HOOKS + _OTHER_HOOKS)
             _move_hooks(members[-1], fused, _POST_HOOKS)
+            # Later members (the activation) run inside the fused module;
+            # their hooks now belong to it and must not fire a second time.
+            for member in members[1:]:
+                _clear_hooks(member, _PRE_HOOKS + _POST_HOOKS + _OTHER_HOOKS)
             _replace(model, entry.members[0], fused)
             for member_name, member in zip(entry.members[1:], members[1:]):
                 _replace(model, member_name, FusedAway(type(member).__name__))

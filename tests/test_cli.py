@@ -196,8 +196,8 @@ def test_plan_prints_fused_swapped_and_kept(capsys: pytest.CaptureFixture[str]) 
 
     output = capsys.readouterr().out
     assert code == 0
-    assert table_line(output, "0", "fuse", "Conv2d + ReLU", "ConvReLU2d")
-    assert table_line(output, "2", "swap", "Conv2d", "Conv2d")
+    assert table_line(output, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d")
+    assert table_line(output, "2", "swap", "Conv2d", "qatcore_conv.modules.Conv2d")
     assert table_line(output, "3", "keep", "Flatten")
     assert "no QAT mapping for torch.nn.Linear" in table_line(output, "4", "keep", "Linear")
     assert output.rstrip().endswith(factory_plan_summary())
@@ -276,7 +276,7 @@ def test_console_script_plan(factory_folder: Path) -> None:
     )
 
     assert completed.returncode == 0, completed.stderr
-    assert table_line(completed.stdout, "0", "fuse", "Conv2d + ReLU", "ConvReLU2d")
+    assert table_line(completed.stdout, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d")
     assert factory_plan_summary() in completed.stdout
 
 
@@ -337,7 +337,7 @@ def test_demo_reduced_prints_report(capsys: pytest.CaptureFixture[str], tmp_path
     assert captured.err == ""
     assert "seed 4, 1 float and 1 QAT epochs, x86 preset" in captured.out
     assert "Swap plan (x86):" in captured.out
-    assert table_line(captured.out, "8", "swap", "Conv2d", "Conv2d")
+    assert table_line(captured.out, "8", "swap", "Conv2d", "qatcore_conv.modules.Conv2d")
     demo_plan = qatcore.plan(_demo.build_model(), qatcore.get_qconfig("x86"))
     assert demo_plan.summary() in captured.out
     assert len(demo_plan.by_action("fuse")) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +35,10 @@ class QATLinearReLU(QATLinear):
     """A fused QAT type for the pattern (nn.Linear, nn.ReLU)."""
 
     float_types = (nn.Linear, nn.ReLU)
+
+
+class OtherQATLinearReLU(QATLinearReLU):
+    """A second fused QAT type for (nn.Linear, nn.ReLU), to replace QATLinearReLU with."""
 
 
 def observer_factory(spec: QuantSpec, channels: int | None, **options: Any) -> nn.Module:
@@ -72,9 +77,11 @@ REGISTRATIONS = [
         "fusions",
         (nn.Linear, nn.ReLU),
         lambda registry, **kw: registry.register_fusion((nn.Linear, nn.ReLU), QATLinearReLU, **kw),
-        lambda registry, **kw: registry.register_fusion((nn.Linear, nn.ReLU), QATLinear, **kw),
+        lambda registry, **kw: registry.register_fusion(
+            (nn.Linear, nn.ReLU), OtherQATLinearReLU, **kw
+        ),
         QATLinearReLU,
-        QATLinear,
+        OtherQATLinearReLU,
         id="fusion",
     ),
     pytest.param(
@@ -337,13 +344,29 @@ FIRST_PARTY_KEYS = [
 ]
 
 
+def _hint(distribution: str) -> str:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return f"install the {distribution} plugin"
+    return f"the {distribution} plugin provides it and is installed but not loaded"
+
+
+def test_install_hint_for_missing_distribution() -> None:
+    from qatcore._registry import install_hint
+
+    assert install_hint("qatcore-not-a-distribution") == (
+        "install the qatcore-not-a-distribution plugin to provide it"
+    )
+
+
 @pytest.mark.parametrize(("table", "key", "described", "distribution"), FIRST_PARTY_KEYS)
 def test_miss_names_distribution_to_install(
     table: str, key: object, described: str, distribution: str
 ) -> None:
     lookup = Registry().tables()[table]
 
-    with pytest.raises(KeyError, match=f"install the {distribution} plugin") as excinfo:
+    with pytest.raises(KeyError, match=_hint(distribution)) as excinfo:
         lookup[key]
 
     message = str(excinfo.value)
@@ -358,7 +381,7 @@ def test_miss_names_registered_and_distribution() -> None:
     with pytest.raises(KeyError, match=r"registered: torch\.nn\.Linear\)") as excinfo:
         registry.modules[nn.Conv2d]
 
-    assert "install the qatcore-conv plugin" in str(excinfo.value)
+    assert _hint("qatcore-conv") in str(excinfo.value)
 
 
 def test_miss_on_custom_class_has_no_hint() -> None:
@@ -422,10 +445,10 @@ def test_merge_with_override_replaces_and_keeps_plugins() -> None:
     target = Registry(plugin="x86")
     target.register_qconfig("custom", QCONFIG)
     staging = Registry(plugin="user")
-    staging.register_qconfig("custom", OTHER_QCONFIG)
+    staging.register_qconfig("custom", OTHER_QCONFIG, override=True)
     staging.register_observer("custom", observer_factory)
 
-    target.merge(staging, override=True)
+    target.merge(staging)
 
     assert target.qconfigs.entry("custom") == Entry(OTHER_QCONFIG, "user")
     assert target.observers.entry("custom") == Entry(observer_factory, "user")
