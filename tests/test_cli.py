@@ -276,7 +276,9 @@ def test_console_script_plan(factory_folder: Path) -> None:
     )
 
     assert completed.returncode == 0, completed.stderr
-    assert table_line(completed.stdout, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d")
+    assert table_line(
+        completed.stdout, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d"
+    )
     assert factory_plan_summary() in completed.stdout
 
 
