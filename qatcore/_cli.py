@@ -34,6 +34,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+MAX_SEED = 2**64 - 1
+"""Largest seed torch.manual_seed accepts."""
+
 
 class CommandError(Exception):
     """A command failed; the message is printed as one line and ``exit_code`` is returned."""
@@ -171,7 +174,8 @@ def _build_model(target: str, factory: Callable[[], object]) -> nn.Module:
         ) from None
     if not isinstance(model, nn.Module):
         raise _usage_error(
-            f"{target}() returned a {type(model).__name__}, expected a torch.nn.Module; "
+            f"{target}() returned an object of type {type(model).__name__}, expected a "
+            "torch.nn.Module; "
             "point MODULE:FACTORY at a function or class that builds the model"
         )
     return model
@@ -230,7 +234,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     except (_demo.MissingDependencyError, SwapError) as error:
         raise CommandError(str(error)) from None
     except OSError as error:
-        raise CommandError(f"cannot write the state_dict to {args.output}: {error}") from None
+        raise CommandError(f"cannot save the state_dict in {args.output}: {error}") from None
 
     change = 100 * (result.qat_accuracy - result.float_accuracy)
     print()
@@ -262,6 +266,12 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _folder_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string")
+    return Path(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -326,16 +336,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seed",
-        type=_at_least(0),
+        type=_at_least(0, MAX_SEED),
         default=0,
-        help="seed of the initial weights and batch order (default: 0)",
+        help=f"seed of the initial weights and batch order, 0 to {MAX_SEED} (default: 0)",
     )
     demo.add_argument(
         "--qconfig", default="x86", metavar="NAME", help="preset QConfig (default: x86)"
     )
     demo.add_argument(
         "--output",
-        type=Path,
+        type=_folder_path,
         metavar="DIR",
         help=f"save the QAT state_dict as DIR/{_demo.STATE_DICT_NAME}, creating DIR",
     )
@@ -405,3 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CommandError as error:
             print(f"qatcore {args.command}: error: {error}", file=sys.stderr)
             return error.exit_code
+        except PluginError as error:
+            # Strict mode (QATCORE_STRICT_PLUGINS=1) turns a broken plugin into this.
+            print(f"qatcore {args.command}: error: {error}", file=sys.stderr)
+            return EXIT_FAILURE

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +25,7 @@ from torch import nn
 
 from qatcore._api import get_qconfig
 from qatcore._swap import Plan, plan, swap_modules
+from qatcore._warnings import CoverageWarning
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -283,14 +286,18 @@ def run_demo(
             raise ValueError(f"{name} must be at least 1, got {value}")
     qconfig = get_qconfig(qconfig_name)
     data = load_digits_split(samples)
-    if output is not None:
-        output.mkdir(parents=True, exist_ok=True)  # fails before training, not after
+    state_dict_path = None if output is None else _prepare_output(output)
     started = time.perf_counter()
 
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model()
+    # A swap of the untrained model fails where the real swap would, before
+    # any training time is spent; its warnings come again with the real swap.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)
+        swap_modules(model, qconfig)
     with _intra_op_threads(DEMO_THREADS):
         train(
             model,
@@ -318,10 +325,11 @@ def run_demo(
         qat_accuracy = evaluate(qat_model, data.test_images, data.test_labels)
     seconds = time.perf_counter() - started
 
-    state_dict_path = None
-    if output is not None:
-        state_dict_path = output / STATE_DICT_NAME
-        torch.save(qat_model.state_dict(), state_dict_path)
+    if state_dict_path is not None:
+        try:
+            torch.save(qat_model.state_dict(), state_dict_path)
+        except RuntimeError as error:  # torch.save reports file errors as RuntimeError
+            raise OSError(f"cannot write {state_dict_path}: {error}") from None
 
     return DemoResult(
         float_accuracy=float_accuracy,
@@ -334,6 +342,24 @@ def run_demo(
         seconds=seconds,
         state_dict_path=state_dict_path,
     )
+
+
+def _prepare_output(output: Path) -> Path:
+    """Create ``output`` and check that the state_dict file can be written there.
+
+    Raises:
+        OSError: ``output`` is a file, cannot be created, or is not writable,
+            or the state_dict path is a folder.
+    """
+    if output.exists() and not output.is_dir():
+        raise OSError(f"{output} is a file; --output takes a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / STATE_DICT_NAME
+    if path.is_dir():
+        raise OSError(f"{path} is a folder, so the state_dict cannot be saved there")
+    with tempfile.NamedTemporaryFile(dir=output):
+        pass
+    return path
 
 
 @contextlib.contextmanager

@@ -3,9 +3,10 @@
 A plugin is a module (or any object) with functions named like the hooks
 below, each marked with :data:`qatcore.hookimpl`. Every hook receives the
 plugin's own :class:`~qatcore.Registry` view and registers entries on it;
-the return value is ignored. Hooks are called once per process, when the
-registry is first needed, in the order: modules, observers, kernels,
-qconfigs. A plugin implements only the hooks it needs.
+the return value is ignored. Hooks are called when the registry is first
+needed, and again after an in-process plugin is registered or
+unregistered, in the order: modules, observers, kernels, qconfigs. A
+plugin implements only the hooks it needs.
 """
 
 from __future__ import annotations

@@ -96,19 +96,25 @@ def finite_min_max(
     # when it met a non-finite value; the host check is cheap on the CPU.
     # Compiled graphs and other devices take the branch-free masked form.
     if not torch.compiler.is_compiling() and x.device.type == "cpu":
-        batch_min, batch_max = torch.aminmax(rows, dim=1)
-        if bool((torch.isfinite(batch_min) & torch.isfinite(batch_max)).all()):
+        batch_min, batch_max = _reduce_min_max(rows, axis)
+        # NaN or inf in either makes the difference non-finite; a finite
+        # range so wide that it overflows merely takes the masked path too.
+        if bool(torch.isfinite(batch_min - batch_max).all()):
             all_finite = torch.ones((), dtype=torch.bool)
-            return (
-                _squeeze(batch_min.float(), axis),
-                _squeeze(batch_max.float(), axis),
-                all_finite,
-            )
+            return batch_min.float(), batch_max.float(), all_finite
 
     finite = torch.isfinite(rows)
-    batch_min = torch.where(finite, rows, float("inf")).amin(dim=1)
-    batch_max = torch.where(finite, rows, float("-inf")).amax(dim=1)
-    return _squeeze(batch_min.float(), axis), _squeeze(batch_max.float(), axis), finite.all()
+    batch_min, _ = _reduce_min_max(torch.where(finite, rows, float("inf")), axis)
+    _, batch_max = _reduce_min_max(torch.where(finite, rows, float("-inf")), axis)
+    return batch_min.float(), batch_max.float(), finite.all()
+
+
+def _reduce_min_max(rows: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch.aminmax over the whole tensor is far faster than with dim=, and
+    # amin plus amax along dim 1 beat aminmax(dim=1) (torch 2.13 on the CPU).
+    if axis is None:
+        return torch.aminmax(rows)
+    return rows.amin(dim=1), rows.amax(dim=1)
 
 
 def _squeeze(values: torch.Tensor, axis: int | None) -> torch.Tensor:

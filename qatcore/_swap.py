@@ -425,7 +425,7 @@ def _check_coverage(decisions: Plan, qconfig: QConfigLike) -> None:
     if missing and not registry.modules:
         raise SwapError(
             f"no QAT module mappings are registered, so no module can be swapped; "
-            f"{names}{more} would be: {missing[0].reason}"
+            f"modules {names}{more} would be swapped: {missing[0].reason}"
         )
     if missing:
         warnings.warn(

@@ -220,7 +220,10 @@ BAD_PLAN_ARGUMENTS = [
         [f"{FACTORY_MODULE}:LAYERS"], f"{FACTORY_MODULE}:LAYERS is not callable", "point", id="call"
     ),
     pytest.param(
-        [f"{FACTORY_MODULE}:build_list"], "returned a list", "torch.nn.Module", id="not-module"
+        [f"{FACTORY_MODULE}:build_list"],
+        "returned an object of type list",
+        "torch.nn.Module",
+        id="not-module",
     ),
     pytest.param(
         [f"{FACTORY_MODULE}:build", "--qconfig", "no_such_preset"],
@@ -377,6 +380,14 @@ def test_demo_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param(
             ["--qat-epochs", "x"], "argument --qat-epochs: expected an integer, got 'x'", id="qat"
         ),
+        pytest.param(
+            ["--seed", str(2**64)],
+            "argument --seed: expected an integer between 0 and 18446744073709551615",
+            id="seed",
+        ),
+        pytest.param(
+            ["--output", ""], "argument --output: expected a folder path, got an empty", id="output"
+        ),
     ],
 )
 def test_demo_bad_option_exit_2(
@@ -407,5 +418,42 @@ def test_demo_unwritable_output_exit_1(capsys: pytest.CaptureFixture[str], tmp_p
 
     captured = capsys.readouterr()
     assert code == 1
-    assert captured.err.startswith(f"qatcore demo: error: cannot write the state_dict to {blocker}")
+    assert captured.err.startswith(f"qatcore demo: error: cannot save the state_dict in {blocker}")
     assert "Test accuracy" not in captured.out
+
+
+@pytest.mark.usefixtures("fresh_plugin_manager")
+@pytest.mark.parametrize("layout", ["file", "folder-at-target"])
+def test_demo_unusable_output_fails_before_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, layout: str
+) -> None:
+    output = tmp_path / "out"
+    if layout == "file":
+        output.write_text("not a folder")
+        expected = "is a file; --output takes a folder"
+    else:
+        (output / "qat_state_dict.pt").mkdir(parents=True)
+        expected = "is a folder, so the state_dict cannot be saved there"
+
+    code = main(["demo", "--no-progress", "--output", str(output)])
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert expected in captured.err
+    assert "epoch" not in captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.usefixtures("fresh_plugin_manager", "factory_folder")
+def test_plan_strict_failure_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_STRICT, "1")
+    qatcore.register_plugin(BrokenPlugin(), name="broken")
+
+    code = main(["plan", f"{FACTORY_MODULE}:build"])
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("qatcore plan: error: plugin 'broken' failed to register")

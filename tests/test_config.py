@@ -299,3 +299,14 @@ def test_qconfig_frozen_and_hashable() -> None:
     assert hash(qconfig) == hash(same)
     assert qconfig != QConfig(weight=QuantSpec(axis=0))
     assert pickle.loads(pickle.dumps(qconfig)) == qconfig
+
+
+def test_quantspec_accepts_numpy_integers() -> None:
+    numpy = pytest.importorskip("numpy")
+
+    spec = QuantSpec(bits=numpy.int64(4), axis=numpy.int32(1))
+
+    assert spec.bits == 4
+    assert type(spec.bits) is int
+    assert spec.axis == 1
+    assert type(spec.axis) is int

@@ -129,6 +129,14 @@ BROKEN_SITE = [
         "entry_points": {"dup_b": "qatcore_dup_b"},
         "modules": {"qatcore_dup_b": observer_plugin_source("shared_minmax")},
     },
+    # A third-party distribution whose entry point sorts before the
+    # first-party ones and that takes a first-party observer name.
+    {
+        "name": "qatcore-aaa-clash",
+        "version": "0.0.1",
+        "entry_points": {"aaa_clash": "qatcore_aaa_clash"},
+        "modules": {"qatcore_aaa_clash": observer_plugin_source("minmax")},
+    },
     # Two distributions that declare the same entry-point name.
     {
         "name": "qatcore-twin-a",
@@ -586,3 +594,81 @@ def test_core_alone_in_process(
     import core_alone
 
     core_alone.check_core_alone()
+
+
+def test_third_party_clash_blames_third_party(broken_site_report: dict[str, Any]) -> None:
+    failure = failure_named(broken_site_report, "aaa_clash")
+
+    assert failure["stage"] == "register"
+    assert "'minmax' from plugin 'aaa_clash' conflicts" in failure["description"]
+    assert "plugin 'observers'" in failure["description"]
+    assert "observers" in broken_site_report["plugins"]
+
+
+class OverridingObserverPlugin:
+    @qatcore.hookimpl
+    def qatcore_register_observers(self, registry: qatcore.Registry) -> None:
+        registry.register_observer("widest", _identity_observer)
+        registry.register_observer("minmax", _identity_observer, override=True)
+
+
+@pytest.mark.usefixtures("first_party_plugins")
+def test_plugin_override_replaces_first_party(fresh_plugin_manager: PluginManager) -> None:
+    qatcore.register_plugin(OverridingObserverPlugin(), name="overriding")
+
+    observers = fresh_plugin_manager.registry.observers
+
+    assert fresh_plugin_manager.failures() == []
+    assert observers.entry("minmax").plugin == "overriding"
+    assert observers.entry("widest").plugin == "overriding"
+
+
+@pytest.mark.usefixtures("first_party_plugins")
+def test_later_plugin_conflicting_with_user_fails(fresh_plugin_manager: PluginManager) -> None:
+    qatcore.register_observer("mine", _identity_observer)
+
+    class Later:
+        @qatcore.hookimpl
+        def qatcore_register_observers(self, registry: qatcore.Registry) -> None:
+            registry.register_observer("mine", _identity_observer)
+
+    qatcore.register_plugin(Later(), name="later")
+
+    failures = fresh_plugin_manager.failures()
+    assert [failure.name for failure in failures] == ["later"]
+    assert "plugin 'user'" in failures[0].describe()
+    assert fresh_plugin_manager.registry.observers.entry("mine").plugin == "user"
+
+
+def test_unknown_blocked_name_warns(
+    fresh_plugin_manager: PluginManager, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    monkeypatch.setenv(ENV_BLOCK, "qatcore-x86")
+
+    with caplog.at_level("WARNING", logger="qatcore._plugins"):
+        fresh_plugin_manager.names()
+
+    assert "QATCORE_BLOCK_PLUGINS names qatcore-x86" in caplog.text
+    assert "match no installed qatcore entry point" in caplog.text
+
+
+def test_hook_with_unknown_argument_rejected(fresh_plugin_manager: PluginManager) -> None:
+    class BadArguments:
+        @qatcore.hookimpl
+        def qatcore_register_modules(self, registry, extra):  # type: ignore[no-untyped-def]
+            pass
+
+    with pytest.raises(ValueError, match="cannot register plugin 'bad'"):
+        qatcore.register_plugin(BadArguments(), name="bad")
+
+    assert "bad" not in fresh_plugin_manager.names()
+
+
+def test_misspelled_hook_rejected(fresh_plugin_manager: PluginManager) -> None:
+    class Misspelled:
+        @qatcore.hookimpl
+        def qatcore_register_module(self, registry):  # type: ignore[no-untyped-def]
+            pass
+
+    with pytest.raises(ValueError, match="cannot register plugin 'typo'"):
+        qatcore.register_plugin(Misspelled(), name="typo")

@@ -466,3 +466,25 @@ def test_conflicting_table_update_leaves_table_unchanged() -> None:
 
     assert list(target) == ["minmax"]
     assert target.entry("minmax") == Entry(observer_factory, "observers")
+
+
+@pytest.mark.parametrize("device_type", ["cuda:0", "CPU", "gpu"])
+def test_kernel_device_type_must_be_torch_type(device_type: str) -> None:
+    registry = Registry(plugin="alpha")
+
+    with pytest.raises(RegistryError, match="device type must be a torch device type"):
+        registry.register_kernel("default", device_type, lambda *args: args[0])
+
+
+def test_module_mapping_must_match_float_types() -> None:
+    registry = Registry(plugin="alpha")
+
+    with pytest.raises(RegistryError, match=r"QATLinear is built from \(torch\.nn\.Linear\)"):
+        registry.register_module(nn.Conv2d, QATLinear)
+
+
+def test_fusion_must_match_float_types() -> None:
+    registry = Registry(plugin="alpha")
+
+    with pytest.raises(RegistryError, match="so it cannot fuse"):
+        registry.register_fusion((nn.Linear, nn.GELU), QATLinearReLU)

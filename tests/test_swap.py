@@ -374,3 +374,84 @@ def test_eval_mode_does_not_observe(x86: qatcore.QConfig) -> None:
     qat(torch.randn(2, 3, 6, 6) * 100)
 
     assert torch.equal(qat[0].output_fake_quant.scale, scale)
+
+
+# -- edge cases a new user meets ------------------------------------------------
+
+
+def test_fused_relu_hook_runs_once(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    calls = []
+    model[1].register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+
+    qat = qatcore.swap_modules(model, x86)
+    qat(torch.randn(1, 3, 5, 5))
+
+    assert calls == ["ConvReLU2d"]
+
+
+@pytest.mark.parametrize("relu_qconfig", ["none", "other"])
+def test_relu_with_own_qconfig_not_fused(relu_qconfig: str, x86: qatcore.QConfig) -> None:
+    other = qatcore.QConfig(activation=qatcore.QuantSpec(bits=4, signed=False, symmetric=False))
+    mapping = {"": x86, "1": None if relu_qconfig == "none" else other}
+
+    decisions = qatcore.plan(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), mapping)
+
+    assert decisions[0].action == "swap"
+    assert "not fused: 1 has a qconfig of its own" in decisions[0].reason
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (qatcore.QuantSpec(observer="nope"), "no observer registered for 'nope'"),
+        (qatcore.QuantSpec(kernel="nope"), r"no kernel registered for \('nope', 'cpu'\)"),
+    ],
+    ids=["observer", "kernel"],
+)
+def test_plan_rejects_unregistered_names(spec: qatcore.QuantSpec, message: str) -> None:
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+    with pytest.raises(qatcore.SwapError, match=rf"0\.0 \(Conv2d\): the weight spec .*{message}"):
+        qatcore.plan(model, qatcore.QConfig(weight=spec))
+
+
+def test_bad_observer_options_name_module() -> None:
+    spec = qatcore.QuantSpec(observer="minmax", observer_options={"averaging_constant": 0.1})
+
+    with pytest.raises(qatcore.SwapError, match=r"0 \(Conv2d\).*observer_options"):
+        qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3)), qatcore.QConfig(weight=spec))
+
+
+def test_parametrized_conv_kept_with_reason(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)))
+
+    decisions = qatcore.plan(model, x86)
+
+    assert decisions[0].name == "0"
+    assert decisions[0].action == "keep"
+    assert "remove_parametrizations" in decisions[0].reason
+
+
+def test_hook_spectral_norm_raises_with_path(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)))
+
+    with pytest.raises(qatcore.SwapError, match=r"0 \(Conv2d\): its weight is a computed"):
+        qatcore.swap_modules(model, x86)
+
+
+def test_nothing_swapped_warns(x86: qatcore.QConfig) -> None:
+    with pytest.warns(qatcore.CoverageWarning, match="nothing was swapped.*Linear"):
+        qatcore.swap_modules(nn.Sequential(nn.Linear(3, 4)), x86)
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_per_channel_output_accepts_unbatched_input(dim: int) -> None:
+    qconfig = qatcore.QConfig(activation=qatcore.QuantSpec(axis=1, observer="minmax"))
+    qat = qatcore.swap_modules(CONV_TYPES[dim](3, 4, 3), qconfig)
+    x = torch.randn(1, 3, *SPATIAL[dim])
+
+    unbatched = qat(x[0])
+
+    assert unbatched.shape == qat(x).shape[1:]
+    assert qat.output_fake_quant.scale.shape == (4,)
