@@ -101,8 +101,8 @@ class PluginManager:
 
     Entry points of group ``qatcore`` are loaded the first time the
     registry is needed. A plugin that fails to import or register is
-    reported in :meth:`failures` and logged, and the others still load;
-    with ``strict=True`` (or ``QATCORE_STRICT_PLUGINS=1``) the failure
+    reported in :meth:`failures` and logged, and the others still load.
+    With ``strict=True`` (or ``QATCORE_STRICT_PLUGINS=1``) the failure
     raises :class:`PluginError` instead. ``QATCORE_BLOCK_PLUGINS=a,b`` skips
     the named entry points, and ``QATCORE_DISABLE_PLUGIN_AUTOLOAD=1`` skips
     them all. In-process plugins from :meth:`register` always count.

@@ -52,7 +52,7 @@ USER = "user"
 
 
 def install_hint(distribution: str) -> str:
-    """Return the advice for a key that ``distribution`` provides but nobody registered."""
+    """Return the advice for a missing key that the first-party ``distribution`` provides."""
     try:
         importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -218,8 +218,8 @@ class Registry:
     """Everything the installed plugins provide, keyed for lookup.
 
     Plugins receive a registry in their registration hooks and call its
-    ``register_*`` methods; each entry records the registering plugin, and
-    a second registration of the same key is an error naming both plugins
+    ``register_*`` methods. Each entry records the registering plugin. A
+    second registration of the same key is an error naming both plugins,
     unless it passes ``override=True``.
 
     Attributes:

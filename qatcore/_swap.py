@@ -347,7 +347,7 @@ class _Planner:
         return ""
 
     def _check_qconfig(self, name: str, module: nn.Module, qconfig: QConfig) -> None:
-        """Raise SwapError now if ``qconfig`` names an observer or kernel nobody registered."""
+        """Raise SwapError now if ``qconfig`` names an unregistered observer or kernel."""
         for role, spec in (("weight", qconfig.weight), ("output", qconfig.activation)):
             if spec is None:
                 continue
