@@ -422,7 +422,7 @@ def test_demo_unwritable_output_exit_1(capsys: pytest.CaptureFixture[str], tmp_p
     assert "Test accuracy" not in captured.out
 
 
-@pytest.mark.usefixtures("fresh_plugin_manager")
+@pytest.mark.usefixtures("demo_dependencies", "fresh_plugin_manager")
 @pytest.mark.parametrize("layout", ["file", "folder-at-target"])
 def test_demo_unusable_output_fails_before_training(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, layout: str
