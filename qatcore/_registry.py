@@ -32,11 +32,16 @@ _PROVIDERS: dict[str, dict[object, str]] = {
         nn.Conv1d: "qatcore-conv",
         nn.Conv2d: "qatcore-conv",
         nn.Conv3d: "qatcore-conv",
+        nn.ConvTranspose1d: "qatcore-conv",
+        nn.ConvTranspose2d: "qatcore-conv",
+        nn.ConvTranspose3d: "qatcore-conv",
+        nn.Linear: "qatcore-linear",
     },
     "fusion": {
         (nn.Conv1d, nn.ReLU): "qatcore-conv",
         (nn.Conv2d, nn.ReLU): "qatcore-conv",
         (nn.Conv3d, nn.ReLU): "qatcore-conv",
+        (nn.Linear, nn.ReLU): "qatcore-linear",
     },
     "observer": {
         "minmax": "qatcore-observers",

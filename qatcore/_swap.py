@@ -82,6 +82,8 @@ class PlanEntry:
         qconfig: The QConfig applied, or ``None``.
         missing_plugin: The first-party distribution that would swap a module
             kept float for lack of a mapping, or ``None``.
+        subclass_of: For a module kept float because only its base class is
+            mapped, the name of that base class.
     """
 
     name: str
@@ -92,6 +94,7 @@ class PlanEntry:
     reason: str = ""
     qconfig: QConfig | None = None
     missing_plugin: str | None = None
+    subclass_of: str | None = None
 
 
 class Plan(Sequence[PlanEntry]):
@@ -209,15 +212,25 @@ def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
     return any(getattr(module, kind, None) for kind in kinds)
 
 
-def _keep_reason(module: nn.Module, registry: Registry) -> str:
+def mapped_base(module: nn.Module, registry: Registry) -> type[nn.Module] | None:
+    """Return the mapped float type that ``module``'s unmapped type subclasses, if any."""
     kind = type(module)
     for mapped in registry.modules:
-        if issubclass(kind, mapped):
-            return (
-                f"no QAT mapping for {describe_key(kind)}, a subclass of "
-                f"{describe_key(mapped)}; only exact types are swapped, so register a mapping "
-                "for the subclass"
-            )
+        if kind is not mapped and issubclass(kind, mapped):
+            return mapped
+    return None
+
+
+def _keep_reason(module: nn.Module, registry: Registry) -> str:
+    kind = type(module)
+    base = mapped_base(module, registry)
+    if base is not None:
+        # Swapping would replace the subclass with the base's QAT type and
+        # silently drop whatever the subclass adds, so it stays float.
+        return (
+            f"no QAT mapping for {describe_key(kind)}, a subclass of {describe_key(base)}; "
+            "only exact types are swapped, so register a mapping for the subclass"
+        )
     hint = registry.modules.provider_hint(kind)
     if hint is not None:
         return f"no QAT mapping for {describe_key(kind)}; {install_hint(hint)}"
@@ -282,12 +295,14 @@ class _Planner:
             if qconfig is None:
                 entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
             else:
+                base = mapped_base(module, self.registry)
                 entry = PlanEntry(
                     name,
                     KEEP,
                     float_type,
                     reason=_keep_reason(module, self.registry),
                     missing_plugin=self.registry.modules.provider_hint(type(module)),
+                    subclass_of=describe_key(base) if base is not None else None,
                 )
             self.entries.append(entry)
             return []
@@ -434,7 +449,22 @@ def _check_coverage(decisions: Plan, qconfig: QConfigLike) -> None:
             CoverageWarning,
             stacklevel=3,
         )
-    elif qconfig is not None and not any(entry.action != KEEP for entry in decisions):
+    subclasses = [entry for entry in decisions if entry.subclass_of]
+    if subclasses:
+        names = ", ".join(f"{entry.name or '<root>'} ({entry.float_type})" for entry in subclasses)
+        warnings.warn(
+            f"{len(subclasses)} modules stay float because their type subclasses a mapped "
+            f"type but is not mapped itself: {names}; register a QAT mapping for the subclass "
+            "with qatcore.register_module to swap them",
+            CoverageWarning,
+            stacklevel=3,
+        )
+    if (
+        not missing
+        and not subclasses
+        and qconfig is not None
+        and not any(entry.action != KEEP for entry in decisions)
+    ):
         kept = ", ".join(sorted({entry.float_type for entry in decisions})) or "none"
         warnings.warn(
             f"nothing was swapped: no loaded plugin maps any module type of this model "

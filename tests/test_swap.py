@@ -441,8 +441,36 @@ def test_hook_spectral_norm_raises_with_path(x86: qatcore.QConfig) -> None:
 
 
 def test_nothing_swapped_warns(x86: qatcore.QConfig) -> None:
-    with pytest.warns(qatcore.CoverageWarning, match="nothing was swapped.*Linear"):
-        qatcore.swap_modules(nn.Sequential(nn.Linear(3, 4)), x86)
+    with pytest.warns(qatcore.CoverageWarning, match="nothing was swapped.*Embedding"):
+        qatcore.swap_modules(nn.Sequential(nn.Embedding(3, 4)), x86)
+
+
+def test_unmapped_subclass_warns_and_stays_float(x86: qatcore.QConfig) -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(MyConv(1, 2, 1), nn.Conv2d(2, 2, 1))
+
+    with pytest.warns(qatcore.CoverageWarning, match=r"0 \(MyConv\).*register a QAT mapping"):
+        qat = qatcore.swap_modules(model, x86)
+
+    assert type(qat[0]) is MyConv
+    assert isinstance(qat[1], qatcore.QATConvNd)
+    assert qatcore.plan(model, x86)[0].subclass_of == "torch.nn.Conv2d"
+
+
+@pytest.mark.usefixtures("fresh_plugin_manager")
+def test_mapped_subclass_swaps(x86: qatcore.QConfig) -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    class QATMyConv(qatcore_conv.Conv2d):
+        float_types = (MyConv,)
+
+    qatcore.register_module(MyConv, QATMyConv)
+    qat = qatcore.swap_modules(nn.Sequential(MyConv(1, 2, 1)), x86)
+
+    assert type(qat[0]) is QATMyConv
 
 
 @pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
