@@ -20,6 +20,7 @@ from qatcore._config import QConfig, QuantSpec
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._hookspecs import hookimpl
 from qatcore._observer import Observer, RangeObserver, finite_min_max
+from qatcore._plan import FusedAway, Plan, PlanEntry, plan
 from qatcore._plugins import PluginError, PluginManager, plugin_manager
 from qatcore._protocol import QATConvNd, QATModule, SwapError
 from qatcore._reference import (
@@ -30,13 +31,9 @@ from qatcore._reference import (
 )
 from qatcore._registry import Registry, RegistryError
 from qatcore._swap import (
-    FusedAway,
-    Plan,
-    PlanEntry,
     enable_fake_quant,
     freeze_observers,
     nonfinite_counts,
-    plan,
     swap_modules,
     to_float,
 )

@@ -16,6 +16,7 @@ from torch import nn
 
 import qatcore
 from qatcore._api import get_qconfig
+from qatcore._plan import plan
 from qatcore._plugins import (
     ENV_BLOCK,
     ENV_DISABLE_AUTOLOAD,
@@ -26,7 +27,6 @@ from qatcore._plugins import (
 )
 from qatcore._protocol import SwapError
 from qatcore._registry import describe_key
-from qatcore._swap import plan
 
 __all__ = ["main"]
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatcore._api import get_qconfig
-from qatcore._swap import Plan, plan, swap_modules
+from qatcore._plan import Plan, plan
+from qatcore._swap import swap_modules
 from qatcore._warnings import CoverageWarning
 
 __all__ = [

@@ -1,0 +1,410 @@
+"""The swap plan: what happens to each module of a model, and why."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import attrs
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qatcore._config import QConfig
+from qatcore._fake_quantize import FakeQuantize
+from qatcore._plugins import plugin_manager
+from qatcore._protocol import QATModule, SwapError
+from qatcore._registry import Registry, describe_key, install_hint
+
+__all__ = [
+    "FUSE",
+    "OTHER_HOOKS",
+    "POST_HOOKS",
+    "PRE_HOOKS",
+    "FusedAway",
+    "KEEP",
+    "Plan",
+    "PlanEntry",
+    "QConfigLike",
+    "SWAP",
+    "iter_named_modules",
+    "join_name",
+    "plan",
+]
+
+QConfigLike = QConfig | Mapping[str | type, QConfig | None] | None
+"""A QConfig for the whole model, or a mapping from a qualified-name prefix or a
+module type to a QConfig or ``None`` (keep float)."""
+
+SWAP = "swap"
+FUSE = "fuse"
+KEEP = "keep"
+
+# Module attributes that hold hooks; a swapped module takes over the same
+# dicts, so existing hook handles still remove their hooks.
+PRE_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+POST_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+OTHER_HOOKS = (
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class FusedAway(nn.Identity):
+    """Placeholder left where a module was fused into the module before it.
+
+    It keeps the indices of an ``nn.Sequential`` valid and marks the slot
+    where :func:`to_float` puts the float module back.
+    """
+
+    def __init__(self, float_type_name: str = "") -> None:
+        super().__init__()
+        self.float_type_name = float_type_name
+
+    def extra_repr(self) -> str:
+        return f"was {self.float_type_name}"
+
+
+@attrs.frozen
+class PlanEntry:
+    """The decision for one module, or for one group of fused modules.
+
+    Attributes:
+        name: Qualified name of the module (the first one of a fused group);
+            ``""`` is the root.
+        action: ``"swap"``, ``"fuse"`` or ``"keep"`` (stays float).
+        float_type: Class name of the float module (all members for a fusion).
+        qat_type: The QAT class it becomes, or ``None`` when kept float.
+        members: Qualified names of every module in a fused group.
+        reason: Why it is kept float, or what it becomes.
+        qconfig: The QConfig applied, or ``None``.
+        missing_plugin: The first-party distribution that would swap a module
+            kept float for lack of a mapping, or ``None``.
+        subclass_of: For a module kept float because only its base class is
+            mapped, the name of that base class.
+    """
+
+    name: str
+    action: str
+    float_type: str
+    qat_type: type[nn.Module] | None = None
+    members: tuple[str, ...] = ()
+    reason: str = ""
+    qconfig: QConfig | None = None
+    missing_plugin: str | None = None
+    subclass_of: str | None = None
+
+
+class Plan(Sequence[PlanEntry]):
+    """The decisions of :func:`plan`, module by module, in model order."""
+
+    def __init__(self, entries: list[PlanEntry]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        return self._entries[index]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def by_action(self, action: str) -> list[PlanEntry]:
+        """Return the entries whose action is ``action``."""
+        return [entry for entry in self._entries if entry.action == action]
+
+    def summary(self) -> str:
+        """Return one line counting swapped, fused and float modules."""
+        swapped = len(self.by_action(SWAP))
+        fused = len(self.by_action(FUSE))
+        kept = len(self.by_action(KEEP))
+        groups = "group" if fused == 1 else "groups"
+        return f"{swapped} swapped, {fused} fused {groups}, {kept} kept float"
+
+    def table(self) -> str:
+        """Return the plan as an aligned text table."""
+        rows = [("module", "action", "float type", "becomes / reason")]
+        for entry in self._entries:
+            outcome = describe_key(entry.qat_type) if entry.qat_type is not None else ""
+            if entry.reason:
+                outcome = f"{outcome} ({entry.reason})" if outcome else entry.reason
+            rows.append((entry.name or "<root>", entry.action, entry.float_type, outcome))
+        widths = [max(len(row[column]) for row in rows) for column in range(3)]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 16)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class _QConfigResolver:
+    def __init__(self, qconfig: QConfigLike) -> None:
+        self.global_qconfig: QConfig | None = None
+        self.by_name: dict[str, QConfig | None] = {}
+        self.by_type: dict[type, QConfig | None] = {}
+        if qconfig is None or isinstance(qconfig, QConfig):
+            self.global_qconfig = qconfig
+            return
+        if not isinstance(qconfig, Mapping):
+            raise TypeError(
+                "qconfig must be a QConfig, None, or a mapping from a qualified-name prefix or "
+                f"module type to a QConfig or None, got {type(qconfig).__name__}"
+            )
+        for key, value in qconfig.items():
+            if value is not None and not isinstance(value, QConfig):
+                raise TypeError(
+                    f"qconfig[{key!r}] must be a QConfig or None, got {type(value).__name__}"
+                )
+            if key == "":
+                self.global_qconfig = value
+            elif isinstance(key, str):
+                self.by_name[key] = value
+            elif isinstance(key, type) and issubclass(key, nn.Module):
+                self.by_type[key] = value
+            else:
+                raise TypeError(
+                    f"qconfig keys must be qualified-name prefixes (str) or module types, "
+                    f"got {key!r}"
+                )
+
+    def __call__(self, name: str, module: nn.Module) -> QConfig | None:
+        best: str | None = None
+        for prefix in self.by_name:
+            if (name == prefix or name.startswith(prefix + ".")) and (
+                best is None or len(prefix) > len(best)
+            ):
+                best = prefix
+        if best is not None:
+            return self.by_name[best]
+        if type(module) in self.by_type:
+            return self.by_type[type(module)]
+        return self.global_qconfig
+
+    def check_names(self, names: set[str]) -> None:
+        for prefix in self.by_name:
+            if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+                raise SwapError(
+                    f"qconfig key {prefix!r} matches no module of the model; keys are "
+                    "qualified names as model.named_modules() lists them"
+                )
+
+
+def join_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def iter_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    # Depth-first in model order without recursion, so that very deep
+    # models do not hit Python's recursion limit.
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        children = list(module.named_children())
+        stack.extend((join_name(name, child), sub) for child, sub in reversed(children))
+
+
+def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
+    return any(getattr(module, kind, None) for kind in kinds)
+
+
+def mapped_base(module: nn.Module, registry: Registry) -> type[nn.Module] | None:
+    """Return the mapped float type that ``module``'s unmapped type subclasses, if any."""
+    kind = type(module)
+    for mapped in registry.modules:
+        if kind is not mapped and issubclass(kind, mapped):
+            return mapped
+    return None
+
+
+def _keep_reason(module: nn.Module, registry: Registry) -> str:
+    kind = type(module)
+    base = mapped_base(module, registry)
+    if base is not None:
+        # Swapping would replace the subclass with the base's QAT type and
+        # silently drop whatever the subclass adds, so it stays float.
+        return (
+            f"no QAT mapping for {describe_key(kind)}, a subclass of {describe_key(base)}; "
+            "only exact types are swapped, so register a mapping for the subclass"
+        )
+    hint = registry.modules.provider_hint(kind)
+    if hint is not None:
+        return f"no QAT mapping for {describe_key(kind)}; {install_hint(hint)}"
+    return f"no QAT mapping for {describe_key(kind)}"
+
+
+class _Planner:
+    def __init__(self, model: nn.Module, qconfig: QConfigLike, registry: Registry) -> None:
+        self.model = model
+        self.resolve = _QConfigResolver(qconfig)
+        self.registry = registry
+        # Longest patterns first, so that a longer pattern wins over its prefix.
+        self.fusions = sorted(registry.fusions.items(), key=lambda item: -len(item[0]))
+        self.entries: list[PlanEntry] = []
+        self.notes: dict[str, str] = {}
+
+    def run(self) -> Plan:
+        order = {name: index for index, (name, _) in enumerate(iter_named_modules(self.model))}
+        self.resolve.check_names(set(order))
+
+        stack: list[tuple[str, nn.Module]] = [("", self.model)]
+        while stack:
+            name, module = stack.pop()
+            children = self._plan_module(name, module)
+            stack.extend(reversed(children))
+
+        self.entries.sort(key=lambda entry: order[entry.name])
+        return Plan(self.entries)
+
+    def _plan_module(self, name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Plan ``module`` and return the children that still need a plan."""
+        if isinstance(module, (QATModule, FakeQuantize, FusedAway)):
+            raise SwapError(
+                f"{name or '<root>'} ({type(module).__name__}) is already a QAT module; "
+                "swap the float model, or call qatcore.to_float first"
+            )
+        qconfig = self.resolve(name, module)
+        float_type = type(module).__name__
+        qat_type = self.registry.modules.get(type(module))
+        if qat_type is not None and not parametrize.is_parametrized(module):
+            if qconfig is None:
+                entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
+            else:
+                self._check_qconfig(name, module, qconfig)
+                note = self.notes.get(name, "")
+                entry = PlanEntry(name, SWAP, float_type, qat_type, reason=note, qconfig=qconfig)
+            self.entries.append(entry)
+            return []
+
+        if parametrize.is_parametrized(module):
+            reason = (
+                "its parameters are parametrized (weight_norm, spectral_norm or another "
+                "torch.nn.utils.parametrize parametrization), which a QAT module cannot take "
+                "over; remove them with torch.nn.utils.parametrize.remove_parametrizations "
+                "before swapping"
+            )
+            self.entries.append(PlanEntry(name, KEEP, float_type, reason=reason))
+            return []
+
+        children = [(join_name(name, child), sub) for child, sub in module.named_children()]
+        if not children:
+            if qconfig is None:
+                entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
+            else:
+                base = mapped_base(module, self.registry)
+                entry = PlanEntry(
+                    name,
+                    KEEP,
+                    float_type,
+                    reason=_keep_reason(module, self.registry),
+                    missing_plugin=self.registry.modules.provider_hint(type(module)),
+                    subclass_of=describe_key(base) if base is not None else None,
+                )
+            self.entries.append(entry)
+            return []
+        if isinstance(module, nn.Sequential):
+            return self._plan_fusions(children)
+        return children
+
+    def _plan_fusions(self, children: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """Plan fused groups among consecutive children; return the children left over."""
+        rest = []
+        index = 0
+        while index < len(children):
+            group = self._match_fusion(children, index)
+            if group is None:
+                rest.append(children[index])
+                index += 1
+                continue
+            pattern, fused_type, qconfig = group
+            members = children[index : index + len(pattern)]
+            self._check_qconfig(members[0][0], members[0][1], qconfig)
+            names = tuple(member_name for member_name, _ in members)
+            float_types = " + ".join(type(member).__name__ for _, member in members)
+            self.entries.append(
+                PlanEntry(names[0], FUSE, float_types, fused_type, names, qconfig=qconfig)
+            )
+            index += len(pattern)
+        return rest
+
+    def _match_fusion(
+        self, children: list[tuple[str, nn.Module]], index: int
+    ) -> tuple[tuple[type, ...], type[nn.Module], QConfig] | None:
+        first_name, first = children[index]
+        qconfig = self.resolve(first_name, first)
+        if qconfig is None:
+            return None
+        for pattern, fused_type in self.fusions:
+            window = children[index : index + len(pattern)]
+            if len(window) != len(pattern):
+                continue
+            if not all(type(module) is kind for (_, module), kind in zip(window, pattern)):
+                continue
+            blocked = _hooks_blocking_fusion(window) or self._qconfigs_blocking_fusion(window)
+            if blocked:
+                self.notes[first_name] = f"not fused: {blocked}"
+                continue
+            return pattern, fused_type, qconfig
+        return None
+
+    def _qconfigs_blocking_fusion(self, window: list[tuple[str, nn.Module]]) -> str:
+        # A fused module has one qconfig, the first member's; a later member
+        # configured otherwise (None included) keeps the group apart.
+        first_name, first = window[0]
+        qconfig = self.resolve(first_name, first)
+        for name, module in window[1:]:
+            if self.resolve(name, module) != qconfig:
+                return f"{name} has a qconfig of its own"
+        return ""
+
+    def _check_qconfig(self, name: str, module: nn.Module, qconfig: QConfig) -> None:
+        """Raise SwapError now if ``qconfig`` names an unregistered observer or kernel."""
+        for role, spec in (("weight", qconfig.weight), ("output", qconfig.activation)):
+            if spec is None:
+                continue
+            problem = None
+            if spec.observer not in self.registry.observers:
+                problem = self.registry.observers.missing_message(spec.observer)
+            elif spec.kernel not in ("default", "reference") and not any(
+                kernel_name == spec.kernel for kernel_name, _ in self.registry.kernels
+            ):
+                problem = self.registry.kernels.missing_message((spec.kernel, "cpu"))
+            if problem is not None:
+                raise SwapError(
+                    f"{name or '<root>'} ({type(module).__name__}): the {role} spec cannot be "
+                    f"used: {problem}"
+                )
+
+
+def _hooks_blocking_fusion(window: list[tuple[str, nn.Module]]) -> str:
+    # A fused module runs its members back to back, so a hook that must see
+    # an intermediate tensor (a forward hook on any member but the last, a
+    # pre-hook on any member but the first) would see the wrong one.
+    for position, (name, module) in enumerate(window):
+        if position < len(window) - 1 and _has_hooks(module, POST_HOOKS):
+            return f"{name} has forward hooks that need its own output"
+        if position > 0 and _has_hooks(module, PRE_HOOKS):
+            return f"{name} has forward pre-hooks that need its own input"
+        if position > 0 and _has_hooks(module, OTHER_HOOKS):
+            return f"{name} has backward or state-dict hooks that only the first member can keep"
+    return ""
+
+
+def plan(model: nn.Module, qconfig: QConfigLike) -> Plan:
+    """Decide, module by module, what :func:`swap_modules` would do to ``model``.
+
+    Every leaf module appears in the plan: swapped, fused with its
+    neighbours, or kept float with the reason.
+
+    Raises:
+        TypeError: ``qconfig`` is not a QConfig, None, or a valid mapping.
+        SwapError: A qconfig name key matches no module, or the model
+            already contains QAT modules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return _Planner(model, qconfig, plugin_manager().registry).run()
