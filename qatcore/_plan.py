@@ -16,6 +16,7 @@ from qatcore._registry import Registry, describe_key, install_hint
 
 __all__ = [
     "FUSE",
+    "FuseLike",
     "OTHER_HOOKS",
     "POST_HOOKS",
     "PRE_HOOKS",
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 QConfigLike = QConfig | Mapping[str | type, QConfig | None] | None
+FuseLike = bool | Sequence[Sequence[str]]
+"""``True`` to fuse registered patterns found inside ``nn.Sequential``, ``False``
+to fuse nothing, or explicit groups of qualified names to fuse exactly."""
 """A QConfig for the whole model, or a mapping from a qualified-name prefix or a
 module type to a QConfig or ``None`` (keep float)."""
 
@@ -53,18 +57,25 @@ OTHER_HOOKS = (
 
 
 class FusedAway(nn.Identity):
-    """Placeholder left where a module was fused into the module before it.
+    """Placeholder left where a module was fused into another module.
 
     It keeps the indices of an ``nn.Sequential`` valid and marks the slot
     where :func:`to_float` puts the float module back.
+
+    Args:
+        float_type_name: Class name of the module that was here.
+        fused_into: Qualified name of the fused QAT module that runs it now.
+        position: Its index among the fused module's members.
     """
 
-    def __init__(self, float_type_name: str = "") -> None:
+    def __init__(self, float_type_name: str = "", fused_into: str = "", position: int = 0) -> None:
         super().__init__()
         self.float_type_name = float_type_name
+        self.fused_into = fused_into
+        self.position = position
 
     def extra_repr(self) -> str:
-        return f"was {self.float_type_name}"
+        return f"was {self.float_type_name}, fused into {self.fused_into or '<root>'}"
 
 
 @attrs.frozen
@@ -238,18 +249,26 @@ def _keep_reason(module: nn.Module, registry: Registry) -> str:
 
 
 class _Planner:
-    def __init__(self, model: nn.Module, qconfig: QConfigLike, registry: Registry) -> None:
+    def __init__(
+        self, model: nn.Module, qconfig: QConfigLike, registry: Registry, fuse: FuseLike
+    ) -> None:
         self.model = model
         self.resolve = _QConfigResolver(qconfig)
         self.registry = registry
         # Longest patterns first, so that a longer pattern wins over its prefix.
         self.fusions = sorted(registry.fusions.items(), key=lambda item: -len(item[0]))
+        self.auto_fuse = fuse is True
+        self.explicit_groups = _check_fuse_argument(fuse)
         self.entries: list[PlanEntry] = []
         self.notes: dict[str, str] = {}
+        # Later members of explicit groups: planned with their group's first member.
+        self.grouped: set[str] = set()
 
     def run(self) -> Plan:
         order = {name: index for index, (name, _) in enumerate(iter_named_modules(self.model))}
         self.resolve.check_names(set(order))
+        for group in self.explicit_groups:
+            self._plan_explicit_group(group, order)
 
         stack: list[tuple[str, nn.Module]] = [("", self.model)]
         while stack:
@@ -267,6 +286,8 @@ class _Planner:
                 f"{name or '<root>'} ({type(module).__name__}) is already a QAT module; "
                 "swap the float model, or call qatcore.to_float first"
             )
+        if name in self.grouped:
+            return []
         qconfig = self.resolve(name, module)
         float_type = type(module).__name__
         qat_type = self.registry.modules.get(type(module))
@@ -306,9 +327,41 @@ class _Planner:
                 )
             self.entries.append(entry)
             return []
-        if isinstance(module, nn.Sequential):
+        if isinstance(module, nn.Sequential) and self.auto_fuse:
             return self._plan_fusions(children)
         return children
+
+    def _plan_explicit_group(self, group: tuple[str, ...], order: dict[str, int]) -> None:
+        """Plan one group of names that the caller asked to fuse, or raise why it cannot be."""
+        described = "(" + ", ".join(repr(name) for name in group) + ")"
+        for name in group:
+            if name not in order:
+                raise SwapError(f"fuse group {described}: the model has no module {name!r}")
+            if name in self.grouped or any(entry.name == name for entry in self.entries):
+                raise SwapError(f"fuse group {described}: {name!r} is in another group too")
+        members = [(name, self.model.get_submodule(name)) for name in group]
+        pattern = tuple(type(module) for _, module in members)
+        fused_type = self.registry.fusions.get(pattern)
+        if fused_type is None:
+            raise SwapError(
+                f"fuse group {described}: {self.registry.fusions.missing_message(pattern)}"
+            )
+        first_name, first = members[0]
+        qconfig = self.resolve(first_name, first)
+        problem = (
+            ("the qconfig maps its first member to None" if qconfig is None else "")
+            or _hooks_blocking_fusion(members)
+            or self._qconfigs_blocking_fusion(members)
+        )
+        if problem:
+            raise SwapError(f"fuse group {described} cannot be fused: {problem}")
+        assert qconfig is not None  # checked just above
+        self._check_qconfig(first_name, first, qconfig)
+        float_types = " + ".join(type(module).__name__ for _, module in members)
+        self.entries.append(
+            PlanEntry(first_name, FUSE, float_types, fused_type, group, qconfig=qconfig)
+        )
+        self.grouped.update(group)
 
     def _plan_fusions(self, children: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
         """Plan fused groups among consecutive children; return the children left over."""
@@ -394,17 +447,48 @@ def _hooks_blocking_fusion(window: list[tuple[str, nn.Module]]) -> str:
     return ""
 
 
-def plan(model: nn.Module, qconfig: QConfigLike) -> Plan:
+def _check_fuse_argument(fuse: FuseLike) -> list[tuple[str, ...]]:
+    if isinstance(fuse, bool):
+        return []
+    if isinstance(fuse, str) or not isinstance(fuse, Sequence):
+        raise TypeError(
+            "fuse must be True, False, or a sequence of groups of qualified module names, "
+            f"got {fuse!r}"
+        )
+    groups = []
+    for group in fuse:
+        if isinstance(group, str) or not isinstance(group, Sequence) or len(group) < 2:
+            raise TypeError(
+                f"each fuse group must be a sequence of at least two qualified names, got {group!r}"
+            )
+        if not all(isinstance(name, str) for name in group):
+            raise TypeError(f"fuse group names must be str, got {group!r}")
+        groups.append(tuple(group))
+    return groups
+
+
+def plan(model: nn.Module, qconfig: QConfigLike, *, fuse: FuseLike = True) -> Plan:
     """Decide, module by module, what :func:`swap_modules` would do to ``model``.
 
     Every leaf module appears in the plan: swapped, fused with its
     neighbours, or kept float with the reason.
 
+    Args:
+        model: The float model.
+        qconfig: A QConfig for every module, or a mapping from a
+            qualified-name prefix or module type to a QConfig or None.
+        fuse: ``True`` fuses registered patterns of consecutive children of
+            an ``nn.Sequential``. ``False`` fuses nothing. A sequence of
+            groups, such as ``[("conv1", "relu1")]``, fuses exactly those
+            modules, wherever they sit; the model's forward must call each
+            group's members back to back on one tensor.
+
     Raises:
-        TypeError: ``qconfig`` is not a QConfig, None, or a valid mapping.
-        SwapError: A qconfig name key matches no module, or the model
-            already contains QAT modules.
+        TypeError: ``qconfig`` or ``fuse`` has the wrong type.
+        SwapError: A qconfig name key matches no module, the model already
+            contains QAT modules, or an explicit fuse group names a missing
+            module or matches no registered pattern.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return _Planner(model, qconfig, plugin_manager().registry).run()
+    return _Planner(model, qconfig, plugin_manager().registry, fuse).run()

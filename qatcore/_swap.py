@@ -17,10 +17,10 @@ from qatcore._plan import (
     PRE_HOOKS,
     SWAP,
     FusedAway,
+    FuseLike,
     Plan,
     QConfigLike,
     iter_named_modules,
-    join_name,
     plan,
 )
 from qatcore._plugins import plugin_manager
@@ -100,7 +100,9 @@ def _check_coverage(decisions: Plan, qconfig: QConfigLike) -> None:
         )
 
 
-def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = False) -> nn.Module:
+def swap_modules(
+    model: nn.Module, qconfig: QConfigLike, *, inplace: bool = False, fuse: FuseLike = True
+) -> nn.Module:
     """Return ``model`` with every mapped module replaced by its QAT module.
 
     Modules are swapped as :func:`plan` decides: mapped types become their
@@ -115,6 +117,7 @@ def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = Fals
             qualified-name prefix or module type to a QConfig or None.
         inplace: Change ``model`` itself instead of a deep copy. The caller's
             model is never changed otherwise.
+        fuse: Which modules to fuse, as :func:`plan` takes it.
 
     Returns:
         The QAT model: a new object unless ``inplace`` is true.
@@ -131,7 +134,7 @@ def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = Fals
         CoverageWarning: Modules stay float because the plugin that maps
             their type is not installed.
     """
-    decisions = plan(model, qconfig)
+    decisions = plan(model, qconfig, fuse=fuse)
     _check_coverage(decisions, qconfig)
     if inplace and any(entry.name == "" and entry.action != KEEP for entry in decisions):
         raise SwapError(
@@ -162,33 +165,28 @@ def swap_modules(model: nn.Module, qconfig: QConfigLike, *, inplace: bool = Fals
             for member in members[1:]:
                 _clear_hooks(member, PRE_HOOKS + POST_HOOKS + OTHER_HOOKS)
             _replace(model, entry.members[0], fused)
-            for member_name, member in zip(entry.members[1:], members[1:]):
-                _replace(model, member_name, FusedAway(type(member).__name__))
+            for position, (member_name, member) in enumerate(
+                zip(entry.members[1:], members[1:]), start=1
+            ):
+                placeholder = FusedAway(type(member).__name__, entry.name, position)
+                _replace(model, member_name, placeholder)
     return model
 
 
 def _float_replacements(
-    name: str, module: QATModule, parent: nn.Module | None
+    name: str, module: QATModule, placeholders: dict[str, dict[int, str]]
 ) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified name, float module)`` pairs that replace a QAT module."""
     float_module = module.to_float()
-    if len(type(module).float_types) < 2 or parent is None:
+    if len(type(module).float_types) < 2:
         return [(name, float_module)]
-    # A fused module built by swap_modules sits before FusedAway placeholders;
-    # its float members go back into those slots.
-    parent_name, child = _split(name)
-    siblings = list(parent.named_children())
-    names = [sibling for sibling, _ in siblings]
-    start = names.index(child)
-    count = len(float_module)  # type: ignore[arg-type]
-    slots = siblings[start + 1 : start + count]
-    if len(slots) != count - 1 or not all(isinstance(slot, FusedAway) for _, slot in slots):
-        return [(name, float_module)]
+    # A fused module built by swap_modules left FusedAway placeholders where
+    # its later members were; the float members go back into those slots.
     members = list(float_module.children())
-    return [(name, members[0])] + [
-        (join_name(parent_name, slot_name), member)
-        for (slot_name, _), member in zip(slots, members[1:])
-    ]
+    slots = placeholders.get(name, {})
+    if sorted(slots) != list(range(1, len(members))):
+        return [(name, float_module)]
+    return [(name, members[0])] + [(slots[index], members[index]) for index in sorted(slots)]
 
 
 def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -206,14 +204,15 @@ def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
 
-    qat_modules = [
-        (name, module)
-        for name, module in iter_named_modules(model)
-        if isinstance(module, QATModule)
-    ]
+    qat_modules = []
+    placeholders: dict[str, dict[int, str]] = {}
+    for name, module in iter_named_modules(model):
+        if isinstance(module, QATModule):
+            qat_modules.append((name, module))
+        elif isinstance(module, FusedAway):
+            placeholders.setdefault(module.fused_into, {})[module.position] = name
     for name, module in qat_modules:
-        parent = model.get_submodule(_split(name)[0])
-        replacements = _float_replacements(name, module, parent)
+        replacements = _float_replacements(name, module, placeholders)
         for index, (target, float_module) in enumerate(replacements):
             if index == 0:
                 _move_hooks(module, float_module, PRE_HOOKS + OTHER_HOOKS)

@@ -483,3 +483,83 @@ def test_per_channel_output_accepts_unbatched_input(dim: int) -> None:
 
     assert unbatched.shape == qat(x).shape[1:]
     assert qat.output_fake_quant.scale.shape == (4,)
+
+
+# -- fusion switches -------------------------------------------------------------
+
+
+class WiredBlock(nn.Module):
+    """A conv and its ReLU wired in forward, outside any nn.Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Module()
+        self.body.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body.conv(x))
+
+
+def test_fuse_false_swaps_members_alone(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+    qat = qatcore.swap_modules(model, x86, fuse=False)
+
+    assert type(qat[0]) is qatcore_conv.Conv2d
+    assert type(qat[1]) is nn.ReLU
+
+
+def test_explicit_group_fuses_wired_modules(x86: qatcore.QConfig) -> None:
+    torch.manual_seed(0)
+    model = WiredBlock()
+    reference = qatcore.swap_modules(nn.Sequential(model.body.conv, nn.ReLU()), x86)
+    x = torch.randn(2, 3, 6, 6)
+
+    decisions = qatcore.plan(model, x86, fuse=[("body.conv", "act")])
+    qat = qatcore.swap_modules(model, x86, fuse=[("body.conv", "act")])
+
+    assert [(entry.name, entry.action) for entry in decisions] == [("body.conv", "fuse")]
+    assert decisions[0].members == ("body.conv", "act")
+    assert type(qat.body.conv) is qatcore_conv.ConvReLU2d
+    assert type(qat.act) is qatcore.FusedAway
+    assert torch.equal(qat(x), reference(x))
+
+
+def test_to_float_restores_explicit_group(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(WiredBlock(), x86, fuse=[("body.conv", "act")])
+
+    restored = qatcore.to_float(qat)
+
+    assert type(restored.body.conv) is nn.Conv2d
+    assert type(restored.act) is nn.ReLU
+
+
+@pytest.mark.parametrize(
+    ("fuse", "error", "message"),
+    [
+        ([("body.conv", "nope")], qatcore.SwapError, "the model has no module 'nope'"),
+        (
+            [("body.conv", "body")],
+            qatcore.SwapError,
+            r"no fusion registered for \(torch\.nn\.Conv2d",
+        ),
+        ([("body.conv", "act"), ("act", "body.conv")], qatcore.SwapError, "in another group"),
+        ("body.conv", TypeError, "fuse must be True, False, or a sequence"),
+        ([("body.conv",)], TypeError, "at least two qualified names"),
+    ],
+    ids=["missing", "unregistered", "overlap", "string", "single"],
+)
+def test_explicit_group_errors(
+    fuse: object, error: type[Exception], message: str, x86: qatcore.QConfig
+) -> None:
+    with pytest.raises(error, match=message):
+        qatcore.plan(WiredBlock(), x86, fuse=fuse)
+
+
+def test_explicit_group_blocked_by_hook_raises(x86: qatcore.QConfig) -> None:
+    model = WiredBlock()
+    model.body.conv.register_forward_hook(lambda module, args, out: None)
+
+    with pytest.raises(qatcore.SwapError, match=r"cannot be fused: body\.conv has forward hooks"):
+        qatcore.plan(model, x86, fuse=[("body.conv", "act")])
