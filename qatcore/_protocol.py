@@ -170,8 +170,7 @@ class QATConvNd(QATModule):
         qat = cls._from_conv_arguments(conv)
         qat.weight = conv.weight
         qat.bias = conv.bias
-        if len(modules) > 1:
-            qat.activation = modules[1]
+        qat._adopt_members(modules[1:], where)
         qat.train(conv.training)
         qat._init_fake_quants(qconfig, where)
         return qat
@@ -217,11 +216,22 @@ class QATConvNd(QATModule):
                 if fake_quant is not None:
                     fake_quant.to(self.weight.device)
 
+    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
+        """Take over the float modules that follow the conv in a fused group."""
+        if members:
+            self.activation = members[-1]
+
+    def _fake_quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.weight_fake_quant is None:
+            return weight
+        return self.weight_fake_quant(weight)
+
+    def _conv_output(self, input: torch.Tensor) -> torch.Tensor:
+        """Return the output before the activation and the output fake quantizer."""
+        return self._conv_forward(input, self._fake_quantized_weight(self.weight), self.bias)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.weight_fake_quant is not None:
-            weight = self.weight_fake_quant(weight)
-        output = self._conv_forward(input, weight, self.bias)
+        output = self._conv_output(input)
         if self.activation is not None:
             output = self.activation(output)
         if self.output_fake_quant is not None:
@@ -233,6 +243,14 @@ class QATConvNd(QATModule):
 
     def to_float(self) -> nn.Module:
         """Return the float conv (and activation) with copies of the parameters."""
+        bias = _copy_parameter(self.bias) if self.bias is not None else None
+        conv = self._float_conv(_copy_parameter(self.weight), bias)
+        if self.activation is None:
+            return conv
+        return nn.Sequential(conv, copy.deepcopy(self.activation)).train(self.training)
+
+    def _float_conv(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+        """Build the float conv of this module's configuration around ``weight`` and ``bias``."""
         float_conv_type = self.float_types[0]
         conv = float_conv_type(
             self.in_channels,  # type: ignore[attr-defined]
@@ -242,17 +260,14 @@ class QATConvNd(QATModule):
             padding=self.padding,  # type: ignore[attr-defined]
             dilation=self.dilation,  # type: ignore[attr-defined]
             groups=self.groups,  # type: ignore[attr-defined]
-            bias=self.bias is not None,
+            bias=bias is not None,
             padding_mode=self.padding_mode,  # type: ignore[attr-defined]
             device="meta",
             dtype=self.weight.dtype,
         )
-        conv.weight = _copy_parameter(self.weight)
-        conv.bias = _copy_parameter(self.bias) if self.bias is not None else None
-        conv.train(self.training)
-        if self.activation is None:
-            return conv
-        return nn.Sequential(conv, copy.deepcopy(self.activation)).train(self.training)
+        conv.weight = weight
+        conv.bias = bias
+        return conv.train(self.training)
 
 
 def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:

@@ -1,0 +1,232 @@
+"""QAT conv-BatchNorm: parity with torch.ao's slow path, gamma = 0, frozen statistics, folding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.quantization as tq
+from torch import nn
+
+import qatcore
+from qatcore_conv import conv_bn
+
+pytest.importorskip("qatcore_observers")
+
+DIMS = [1, 2, 3]
+DIM_IDS = ["conv1d", "conv2d", "conv3d"]
+CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN_TYPES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SPATIAL = {1: (9,), 2: (6, 5), 3: (4, 5, 3)}
+OURS = {
+    (1, False): conv_bn.ConvBn1d,
+    (2, False): conv_bn.ConvBn2d,
+    (3, False): conv_bn.ConvBn3d,
+    (1, True): conv_bn.ConvBnReLU1d,
+    (2, True): conv_bn.ConvBnReLU2d,
+    (3, True): conv_bn.ConvBnReLU3d,
+}
+THEIRS = {
+    (1, False): (nni.ConvBn1d, nniqat.ConvBn1d),
+    (2, False): (nni.ConvBn2d, nniqat.ConvBn2d),
+    (3, False): (nni.ConvBn3d, nniqat.ConvBn3d),
+    (1, True): (nni.ConvBnReLU1d, nniqat.ConvBnReLU1d),
+    (2, True): (nni.ConvBnReLU2d, nniqat.ConvBnReLU2d),
+    (3, True): (nni.ConvBnReLU3d, nniqat.ConvBnReLU3d),
+}
+GAMMA = [0.0, 1.0, 0.5, 2.0]
+WEIGHT_SPEC = qatcore.QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
+AO_QCONFIG = tq.QConfig(
+    activation=tq.NoopObserver,
+    weight=tq.FakeQuantize.with_args(
+        observer=tq.MovingAveragePerChannelMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+    ),
+)
+
+
+def _float_members(dim: int, relu: bool, bias: bool = True) -> tuple[nn.Module, ...]:
+    torch.manual_seed(0)
+    conv = CONV_TYPES[dim](3, 4, 3, padding=1, bias=bias)
+    bn = BN_TYPES[dim](4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(GAMMA))
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return (conv, bn, nn.ReLU()) if relu else (conv, bn)
+
+
+def _ours(members: tuple[nn.Module, ...], dim: int, relu: bool) -> conv_bn.QATConvBnNd:
+    qconfig = qatcore.QConfig(weight=WEIGHT_SPEC)
+    return OURS[(dim, relu)].from_float(copy.deepcopy(members), qconfig)
+
+
+def _theirs(members: tuple[nn.Module, ...], dim: int, relu: bool) -> nn.Module:
+    float_type, qat_type = THEIRS[(dim, relu)]
+    fused = float_type(*copy.deepcopy(members))
+    fused.qconfig = AO_QCONFIG
+    qat = qat_type.from_float(fused)
+    qat._enable_slow_path_for_better_numerical_stability = True
+    return qat
+
+
+def _batch(dim: int, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(2, 3, *SPATIAL[dim], generator=generator) * (1 + step)
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["conv-bn", "conv-bn-relu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_conv_bn_matches_torch_ao_slow_path(dim: int, relu: bool, bias: bool) -> None:
+    members = _float_members(dim, relu, bias)
+    ours, theirs = _ours(members, dim, relu), _theirs(members, dim, relu)
+    ours_optimizer = torch.optim.SGD(ours.parameters(), lr=0.05)
+    theirs_optimizer = torch.optim.SGD(theirs.parameters(), lr=0.05)
+
+    for step in range(6):
+        if step == 3:
+            ours.freeze_bn_stats()
+            theirs.freeze_bn_stats()
+        x = _batch(dim, step)
+        x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+        upstream = torch.randn(y_ours.shape, generator=torch.Generator().manual_seed(99))
+        (y_ours * upstream).sum().backward()
+        (y_theirs * upstream).sum().backward()
+
+        assert (y_ours - y_theirs).abs().max().item() <= 1e-6, step
+        assert (x_ours.grad - x_theirs.grad).abs().max().item() <= 1e-6, step
+        assert (ours.weight.grad - theirs.weight.grad).abs().max().item() <= 1e-6, step
+        assert (ours.bn.weight.grad - theirs.bn.weight.grad).abs().max().item() <= 1e-6, step
+        assert torch.equal(ours.bn.running_mean, theirs.bn.running_mean), step
+        assert torch.equal(ours.bn.running_var, theirs.bn.running_var), step
+        assert torch.equal(ours.weight_fake_quant.scale, theirs.weight_fake_quant.scale), step
+        assert torch.isfinite(y_ours).all()
+
+        ours_optimizer.step()
+        theirs_optimizer.step()
+        ours_optimizer.zero_grad()
+        theirs_optimizer.zero_grad()
+
+
+# -- gamma = 0 and BN statistics --------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_zero_gamma_outputs_beta_without_fake_quant(dim: int) -> None:
+    conv, bn = _float_members(dim, relu=False)
+    qat = _ours((conv, bn), dim, relu=False)
+    qatcore.enable_fake_quant(qat, enabled=False)
+    reference_conv, reference_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = _batch(dim, 0).requires_grad_()
+
+    output = qat(x)
+    expected = reference_bn(reference_conv(x))
+
+    assert (output - expected).abs().max().item() <= 1e-5
+    assert torch.allclose(output[:, 0], bn.bias[0].expand_as(output[:, 0]))
+    assert torch.allclose(qat.bn.running_mean, reference_bn.running_mean)
+    assert torch.allclose(qat.bn.running_var, reference_bn.running_var)
+    output.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(qat.weight.grad).all()
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_zero_gamma_stays_finite_with_fake_quant(dim: int) -> None:
+    qat = _ours(_float_members(dim, relu=True), dim, relu=True)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.05)
+
+    for step in range(4):
+        output = qat(_batch(dim, step))
+        output.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+        assert torch.isfinite(output).all()
+        assert torch.isfinite(qat.weight_fake_quant.scale).all()
+        assert torch.isfinite(qat.bn.running_var).all()
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize("mode", ["training", "frozen", "eval"])
+def test_bn_statistics_follow_batchnorm(dim: int, mode: str) -> None:
+    conv, bn, relu = _float_members(dim, relu=True)
+    qat = _ours((conv, bn, relu), dim, relu=True)
+    qatcore.enable_fake_quant(qat, enabled=False)
+    reference_conv, reference_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    if mode == "frozen":
+        qat.freeze_bn_stats()
+        reference_bn.eval()
+    elif mode == "eval":
+        qat.eval()
+        reference_bn.eval()
+    before = qat.bn.running_mean.clone()
+    x = _batch(dim, 1)
+
+    output = qat(x)
+    expected = torch.relu(reference_bn(reference_conv(x)))
+
+    assert (output - expected).abs().max().item() <= 1e-5
+    assert torch.allclose(qat.bn.running_mean, reference_bn.running_mean)
+    assert torch.allclose(qat.bn.running_var, reference_bn.running_var)
+    changed = not torch.equal(qat.bn.running_mean, before)
+    assert changed == (mode == "training")
+
+
+def test_train_keeps_frozen_bn_in_eval() -> None:
+    qat = _ours(_float_members(2, relu=False), 2, relu=False)
+
+    qat.freeze_bn_stats()
+    qat.train()
+
+    assert qat.training
+    assert not qat.bn.training
+    qat.freeze_bn_stats(frozen=False)
+    assert qat.bn.training
+
+
+# -- folding back to float ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["conv-bn", "conv-bn-relu"])
+def test_to_float_folds_bn(dim: int, relu: bool) -> None:
+    qat = _ours(_float_members(dim, relu), dim, relu)
+    for step in range(3):
+        qat(_batch(dim, step))
+    qat.eval()
+    qatcore.enable_fake_quant(qat, enabled=False)
+    x = _batch(dim, 7)
+
+    folded = qat.to_float()
+
+    assert [type(module) for module in folded] == [CONV_TYPES[dim], nn.Identity] + (
+        [nn.ReLU] if relu else []
+    )
+    assert folded[0].bias is not None
+    assert (folded(x) - qat(x)).abs().max().item() <= 1e-5
+    assert folded[0].weight.data_ptr() != qat.weight.data_ptr()
+
+
+def test_bn_without_running_stats_raises() -> None:
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+
+    with pytest.raises(qatcore.SwapError, match="track_running_stats=False"):
+        conv_bn.ConvBn2d.from_float((conv, bn), qatcore.QConfig(weight=WEIGHT_SPEC), name="block")
+
+
+def test_unbatched_input_raises() -> None:
+    qat = _ours(_float_members(2, relu=False), 2, relu=False)
+
+    with pytest.raises(ValueError, match="needs batched input of 4 dimensions"):
+        qat(torch.randn(3, 6, 5))
