@@ -1,0 +1,289 @@
+"""QAT transposed convolutions: one mixin, and ConvTranspose1d/2d/3d declared over it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatcore import FakeQuantize, QATModule, QConfig, QuantSpec, SwapError
+
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "QATConvTransposeNd"]
+
+# A ConvTranspose weight has shape (in_channels, out_channels // groups, *kernel_size):
+# its output channels lie along axis 1.
+WEIGHT_CHANNEL_AXIS = 1
+OUTPUT_CHANNEL_AXIS = 1
+
+
+def _qualified(name: str, module: nn.Module) -> str:
+    return f"{name or '<root>'} ({type(module).__name__})"
+
+
+def _build_fake_quant(
+    spec: QuantSpec | None, channels: int | None, what: str, where: str
+) -> FakeQuantize | None:
+    if spec is None:
+        return None
+    try:
+        return FakeQuantize(spec, channels=channels)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if error.args else str(error)
+        raise SwapError(f"{where}: cannot build the {what} fake quantizer: {message}") from None
+
+
+def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)
+
+
+class QATConvTransposeNd(QATModule):
+    """Behaviour shared by every QAT transposed conv, whatever its dimension.
+
+    A concrete class combines this mixin with a ``torch.nn`` transposed conv
+    class and declares ``float_types`` and ``conv_transpose``, the functional
+    form of the convolution::
+
+        class ConvTranspose2d(QATConvTransposeNd, nn.ConvTranspose2d):
+            float_types = (nn.ConvTranspose2d,)
+            conv_transpose = staticmethod(F.conv_transpose2d)
+
+    The forward is ``output_fq(conv_transpose(x, weight_fq(weight), bias))``
+    with the ``output_size`` argument of the float module. The weight has
+    shape ``(in_channels, out_channels // groups, *kernel_size)``, so a
+    per-channel weight spec must use ``axis=1`` and gets ``out_channels``
+    scales, one per output channel, also when ``groups > 1``. Per-channel
+    output specs use ``axis=1`` as well.
+    """
+
+    conv_transpose: ClassVar[Callable[..., torch.Tensor]]
+
+    # Set by the nn.ConvTranspose base class.
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    _output_padding: Any
+
+    def __init__(self, *args: Any, qconfig: QConfig | None = None, **kwargs: Any) -> None:
+        """Build like the ``torch.nn`` transposed conv, plus the fake quantizers for ``qconfig``.
+
+        Without ``qconfig`` neither the weight nor the output is quantized.
+
+        Raises:
+            SwapError: ``qconfig`` cannot be applied to this module.
+        """
+        super().__init__(*args, **kwargs)
+        self.weight_fake_quant = None
+        self.output_fake_quant = None
+        self.qconfig = None
+        if qconfig is not None:
+            self._init_fake_quants(qconfig, _qualified("", self))
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
+    ) -> QATConvTransposeNd:
+        """Build the QAT transposed conv from a float one, sharing its parameters.
+
+        Raises:
+            SwapError: ``module`` is not exactly the float type of this class,
+                ``qconfig`` is not a QConfig, the weight is computed by a
+                hook, or a per-channel spec uses an axis other than 1; the
+                message names ``name``.
+        """
+        modules = module if isinstance(module, tuple) else (module,)
+        conv = modules[0]
+        where = _qualified(name, conv)
+        if len(modules) != 1 or type(conv) is not cls.float_types[0]:
+            got = ", ".join(type(part).__name__ for part in modules)
+            raise SwapError(
+                f"{where}: {cls.__name__} is built from ({cls.float_types[0].__name__}), "
+                f"got ({got})"
+            )
+        if not isinstance(qconfig, QConfig):
+            raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
+        if not isinstance(conv.weight, nn.Parameter):
+            raise SwapError(
+                f"{where}: its weight is a computed {type(conv.weight).__name__}, not a "
+                "Parameter, as hook-based torch.nn.utils.spectral_norm and weight_norm leave "
+                "it; remove them (torch.nn.utils.remove_spectral_norm or remove_weight_norm) "
+                "before swapping"
+            )
+
+        # Built on the meta device so that no throwaway weight is allocated;
+        # the float module's parameters are assigned right after.
+        qat = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            output_padding=conv.output_padding,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+        qat.weight = conv.weight
+        qat.bias = conv.bias
+        qat.train(conv.training)
+        qat._init_fake_quants(qconfig, where)
+        return qat
+
+    def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
+        weight_channels = None
+        if qconfig.weight is not None and qconfig.weight.axis is not None:
+            if qconfig.weight.axis != WEIGHT_CHANNEL_AXIS:
+                raise SwapError(
+                    f"{where}: the weight spec quantizes per channel along axis "
+                    f"{qconfig.weight.axis}, but a transposed conv weight has shape "
+                    f"(in_channels, out_channels // groups, *kernel_size) = "
+                    f"{tuple(self.weight.shape)}, with the output channels along axis 1; "
+                    "set QuantSpec(axis=1) for this module, for example with a qconfig "
+                    f"mapping keyed by torch.nn.{self.float_types[0].__name__}, or axis=None "
+                    "for one scale per tensor"
+                )
+            weight_channels = self.out_channels
+
+        output_channels = None
+        if qconfig.activation is not None and qconfig.activation.axis is not None:
+            if qconfig.activation.axis != OUTPUT_CHANNEL_AXIS:
+                raise SwapError(
+                    f"{where}: per-channel output quantization of a transposed conv needs "
+                    f"axis=1 (the output channels), got axis={qconfig.activation.axis}"
+                )
+            output_channels = self.out_channels
+
+        self.qconfig = qconfig
+        self.weight_fake_quant = _build_fake_quant(qconfig.weight, weight_channels, "weight", where)
+        self.output_fake_quant = _build_fake_quant(
+            qconfig.activation, output_channels, "output", where
+        )
+        if self.weight.device.type != "meta":
+            for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
+                if fake_quant is not None:
+                    fake_quant.to(self.weight.device)
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """Return the weight after its fake quantizer, in the float weight's layout.
+
+        In training mode with the observer enabled this updates the weight
+        observer, as :meth:`forward` does. Without a weight fake quantizer
+        the weight itself is returned.
+        """
+        fake_quant = self.weight_fake_quant
+        if fake_quant is None:
+            return self.weight
+        if self.groups == 1 or not fake_quant.spec.per_channel:
+            return fake_quant(self.weight)
+
+        # With groups > 1 the weight (in, out // groups, *k) stacks one block of
+        # in // groups rows per group. Output channel g * (out // groups) + j is
+        # column j of block g. Permuting the view (groups, in // groups,
+        # out // groups, *k) to (in // groups, groups, out // groups, *k) puts
+        # all out_channels in that order along axis 1. The fake quantizer
+        # observes and applies one scale per output channel there, and the
+        # inverse permutation restores the layout for the convolution.
+        groups = self.groups
+        rows = self.in_channels // groups
+        columns = self.out_channels // groups
+        kernel = tuple(self.weight.shape[2:])
+        blocks = self.weight.reshape(groups, rows, columns, *kernel)
+        by_channel = blocks.transpose(0, 1).reshape(rows, self.out_channels, *kernel)
+        quantized = fake_quant(by_channel)
+        blocks = quantized.reshape(rows, groups, columns, *kernel).transpose(0, 1)
+        return blocks.reshape(self.weight.shape)
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """Run the transposed conv with the fake-quantized weight, then fake-quantize the output.
+
+        Args:
+            input: Batched or unbatched input.
+            output_size: The spatial output size (optionally with the
+                leading batch and channel sizes), chosen among the sizes the
+                stride allows, as for ``torch.nn.ConvTranspose2d``.
+
+        Raises:
+            ValueError: ``output_size`` has the wrong length or a size the
+                stride cannot produce.
+        """
+        spatial_dims = len(self.kernel_size)
+        output_padding = self._output_padding(
+            input,
+            output_size,
+            list(self.stride),
+            list(self.padding),
+            list(self.kernel_size),
+            spatial_dims,
+            list(self.dilation),
+        )
+        output = self.conv_transpose(
+            input,
+            self.fake_quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
+        if self.output_fake_quant is None:
+            return output
+        if output.dim() == spatial_dims + 1 and self.output_fake_quant.spec.per_channel:
+            # Unbatched input: add the batch axis so that axis 1 is the channels.
+            return self.output_fake_quant(output.unsqueeze(0)).squeeze(0)
+        return self.output_fake_quant(output)
+
+    def to_float(self) -> nn.Module:
+        """Return the float transposed conv with copies of the parameters."""
+        conv = self.float_types[0](
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            groups=self.groups,
+            bias=self.bias is not None,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        conv.weight = _copy_parameter(self.weight)
+        conv.bias = _copy_parameter(self.bias) if self.bias is not None else None
+        conv.train(self.training)
+        return conv
+
+
+class ConvTranspose1d(QATConvTransposeNd, nn.ConvTranspose1d):
+    """QAT ``nn.ConvTranspose1d``: fake-quantized weight and output."""
+
+    float_types = (nn.ConvTranspose1d,)
+    conv_transpose = staticmethod(F.conv_transpose1d)
+
+
+class ConvTranspose2d(QATConvTransposeNd, nn.ConvTranspose2d):
+    """QAT ``nn.ConvTranspose2d``: fake-quantized weight and output."""
+
+    float_types = (nn.ConvTranspose2d,)
+    conv_transpose = staticmethod(F.conv_transpose2d)
+
+
+class ConvTranspose3d(QATConvTransposeNd, nn.ConvTranspose3d):
+    """QAT ``nn.ConvTranspose3d``: fake-quantized weight and output."""
+
+    float_types = (nn.ConvTranspose3d,)
+    conv_transpose = staticmethod(F.conv_transpose3d)
