@@ -92,7 +92,11 @@ def build_variants(seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     base = SmallResNet().train()
 
-    qatcore_model = qatcore.swap_modules(copy.deepcopy(base), qatcore.get_qconfig("x86"))
+    # Convs only and no fusion, so that qatcore quantizes the same tensors as
+    # the "torch.ao convs" variant: BN folding would add a float conv pass.
+    qatcore_model = qatcore.swap_modules(
+        copy.deepcopy(base), {nn.Conv2d: qatcore.get_qconfig("x86")}, fuse=False
+    )
 
     ao_model = copy.deepcopy(base)
     ao_model.qconfig = tq.get_default_qat_qconfig("x86")

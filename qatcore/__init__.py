@@ -32,6 +32,7 @@ from qatcore._reference import (
 from qatcore._registry import Registry, RegistryError
 from qatcore._swap import (
     enable_fake_quant,
+    freeze_bn_stats,
     freeze_observers,
     nonfinite_counts,
     swap_modules,
@@ -63,6 +64,7 @@ __all__ = [
     "enable_fake_quant",
     "fake_quantize_reference",
     "finite_min_max",
+    "freeze_bn_stats",
     "freeze_observers",
     "get_qconfig",
     "hookimpl",

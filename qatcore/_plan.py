@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from qatcore._config import QConfig
 from qatcore._fake_quantize import FakeQuantize
+from qatcore._graph_fusion import TraceFailure, traced_fusion_groups
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, SwapError
 from qatcore._registry import Registry, describe_key, install_hint
@@ -33,8 +34,8 @@ __all__ = [
 
 QConfigLike = QConfig | Mapping[str | type, QConfig | None] | None
 FuseLike = bool | Sequence[Sequence[str]]
-"""``True`` to fuse registered patterns found inside ``nn.Sequential``, ``False``
-to fuse nothing, or explicit groups of qualified names to fuse exactly."""
+"""``True`` to fuse the registered patterns found in the model, ``False`` to fuse
+nothing, or explicit groups of qualified names to fuse exactly."""
 """A QConfig for the whole model, or a mapping from a qualified-name prefix or a
 module type to a QConfig or ``None`` (keep float)."""
 
@@ -109,10 +110,16 @@ class PlanEntry:
 
 
 class Plan(Sequence[PlanEntry]):
-    """The decisions of :func:`plan`, module by module, in model order."""
+    """The decisions of :func:`plan`, module by module, in model order.
 
-    def __init__(self, entries: list[PlanEntry]) -> None:
+    Attributes:
+        notes: Remarks on the plan as a whole, such as why fusion fell back
+            to ``nn.Sequential`` containers.
+    """
+
+    def __init__(self, entries: list[PlanEntry], notes: Sequence[str] = ()) -> None:
         self._entries = entries
+        self.notes = list(notes)
 
     def __getitem__(self, index):  # type: ignore[no-untyped-def]
         return self._entries[index]
@@ -146,6 +153,7 @@ class Plan(Sequence[PlanEntry]):
             for row in rows
         ]
         lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 16)
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -261,6 +269,7 @@ class _Planner:
         self.explicit_groups = _check_fuse_argument(fuse)
         self.entries: list[PlanEntry] = []
         self.notes: dict[str, str] = {}
+        self.plan_notes: list[str] = []
         # Later members of explicit groups: planned with their group's first member.
         self.grouped: set[str] = set()
 
@@ -269,6 +278,8 @@ class _Planner:
         self.resolve.check_names(set(order))
         for group in self.explicit_groups:
             self._plan_explicit_group(group, order)
+        if self.auto_fuse and self.registry.fusions:
+            self._plan_traced_groups(order)
 
         stack: list[tuple[str, nn.Module]] = [("", self.model)]
         while stack:
@@ -277,7 +288,30 @@ class _Planner:
             stack.extend(reversed(children))
 
         self.entries.sort(key=lambda entry: order[entry.name])
-        return Plan(self.entries)
+        return Plan(self.entries, self.plan_notes)
+
+    def _plan_traced_groups(self, order: dict[str, int]) -> None:
+        """Fuse the chains that the traced forward calls, or fall back to containers."""
+        try:
+            groups = traced_fusion_groups(self.model, self.registry.fusions)
+        except TraceFailure as error:
+            self.plan_notes.append(
+                f"torch.fx could not trace the model ({error}); fusion looked only at "
+                "consecutive children of nn.Sequential containers"
+            )
+            return
+        self.auto_fuse = False  # the graph covers nn.Sequential children too
+        for group in groups:
+            members = [(name, self.model.get_submodule(name)) for name in group]
+            first_name, first = members[0]
+            qconfig = self.resolve(first_name, first)
+            if qconfig is None:
+                continue
+            blocked = _hooks_blocking_fusion(members) or self._qconfigs_blocking_fusion(members)
+            if blocked:
+                self.notes[first_name] = f"not fused: {blocked}"
+                continue
+            self._add_fused(group, members, qconfig)
 
     def _plan_module(self, name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
         """Plan ``module`` and return the children that still need a plan."""
@@ -356,8 +390,16 @@ class _Planner:
         if problem:
             raise SwapError(f"fuse group {described} cannot be fused: {problem}")
         assert qconfig is not None  # checked just above
+        self._add_fused(group, members, qconfig)
+
+    def _add_fused(
+        self, group: tuple[str, ...], members: list[tuple[str, nn.Module]], qconfig: QConfig
+    ) -> None:
+        first_name, first = members[0]
         self._check_qconfig(first_name, first, qconfig)
-        float_types = " + ".join(type(module).__name__ for _, module in members)
+        pattern = tuple(type(module) for _, module in members)
+        float_types = " + ".join(kind.__name__ for kind in pattern)
+        fused_type = self.registry.fusions[pattern]
         self.entries.append(
             PlanEntry(first_name, FUSE, float_types, fused_type, group, qconfig=qconfig)
         )
@@ -477,8 +519,11 @@ def plan(model: nn.Module, qconfig: QConfigLike, *, fuse: FuseLike = True) -> Pl
         model: The float model.
         qconfig: A QConfig for every module, or a mapping from a
             qualified-name prefix or module type to a QConfig or None.
-        fuse: ``True`` fuses registered patterns of consecutive children of
-            an ``nn.Sequential``. ``False`` fuses nothing. A sequence of
+        fuse: ``True`` fuses registered patterns that the forward, traced
+            with ``torch.fx``, calls back to back, where each intermediate
+            output has no other user. Where tracing fails it fuses
+            consecutive children of an ``nn.Sequential`` only, and
+            :attr:`Plan.notes` says so. ``False`` fuses nothing. A sequence of
             groups, such as ``[("conv1", "relu1")]``, fuses exactly those
             modules, wherever they sit; the model's forward must call each
             group's members back to back on one tensor.

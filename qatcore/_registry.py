@@ -42,6 +42,8 @@ _PROVIDERS: dict[str, dict[object, str]] = {
         (nn.Conv2d, nn.ReLU): "qatcore-conv",
         (nn.Conv3d, nn.ReLU): "qatcore-conv",
         (nn.Linear, nn.ReLU): "qatcore-linear",
+        (nn.Conv2d, nn.BatchNorm2d): "qatcore-conv",
+        (nn.Conv2d, nn.BatchNorm2d, nn.ReLU): "qatcore-conv",
     },
     "observer": {
         "minmax": "qatcore-observers",

@@ -29,6 +29,7 @@ from qatcore._warnings import CoverageWarning
 
 __all__ = [
     "enable_fake_quant",
+    "freeze_bn_stats",
     "freeze_observers",
     "nonfinite_counts",
     "swap_modules",
@@ -236,6 +237,22 @@ def freeze_observers(model: nn.Module, frozen: bool = True) -> nn.Module:
     """
     for _, fake_quant in _fake_quants(model):
         fake_quant.observer_enabled = not frozen
+    return model
+
+
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Stop (or, with ``frozen=False``, resume) BatchNorm statistics updates in fused QAT modules.
+
+    Applies to every QAT module of ``model`` that folds a BatchNorm, such as
+    the conv-BN modules of qatcore-conv: frozen, they use the running
+    statistics in training too.
+
+    Returns:
+        ``model``, for chaining.
+    """
+    for _, module in iter_named_modules(model):
+        if isinstance(module, QATModule) and callable(getattr(module, "freeze_bn_stats", None)):
+            module.freeze_bn_stats(frozen)
     return model
 
 

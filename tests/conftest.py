@@ -9,7 +9,13 @@ import pytest
 
 from qatcore import _plugins
 
-FIRST_PARTY_DISTRIBUTIONS = ("qatcore-conv", "qatcore-cpu", "qatcore-observers", "qatcore-x86")
+FIRST_PARTY_DISTRIBUTIONS = (
+    "qatcore-conv",
+    "qatcore-cpu",
+    "qatcore-linear",
+    "qatcore-observers",
+    "qatcore-x86",
+)
 
 
 @pytest.fixture

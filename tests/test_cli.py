@@ -81,7 +81,7 @@ def test_preset(fresh_plugin_manager: PluginManager) -> None:
 
 @pytest.fixture
 def conv_plugins() -> None:
-    for module in ("qatcore_conv", "qatcore_observers", "qatcore_x86"):
+    for module in ("qatcore_conv", "qatcore_linear", "qatcore_observers", "qatcore_x86"):
         pytest.importorskip(module)
 
 
@@ -199,7 +199,7 @@ def test_plan_prints_fused_swapped_and_kept(capsys: pytest.CaptureFixture[str]) 
     assert table_line(output, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d")
     assert table_line(output, "2", "swap", "Conv2d", "qatcore_conv.modules.Conv2d")
     assert table_line(output, "3", "keep", "Flatten")
-    assert "no QAT mapping for torch.nn.Linear" in table_line(output, "4", "keep", "Linear")
+    assert table_line(output, "4", "swap", "Linear", "qatcore_linear.modules.Linear")
     assert output.rstrip().endswith(factory_plan_summary())
 
 

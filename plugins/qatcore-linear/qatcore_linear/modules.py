@@ -1,0 +1,216 @@
+"""QAT linear layers: Linear and the fused LinearReLU, thin declarations over QATLinearBase."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatcore import FakeQuantize, QATModule, QConfig, QuantSpec, SwapError
+
+__all__ = ["Linear", "LinearReLU", "QATLinearBase"]
+
+WEIGHT_AXIS = 0
+"""Per-channel axis of weight specs: ``out_features``, one scale per row of the weight."""
+
+OUTPUT_AXIS = 1
+"""Per-channel axis of output specs: axis 1 of the output viewed as ``(N, out_features)``."""
+
+
+class QATLinearBase(QATModule, nn.Linear):
+    """Behaviour shared by every QAT linear layer, fused or not.
+
+    A concrete class declares ``float_types``; for a fused linear-activation
+    it also sets ``activation_type``, used when the class is built directly
+    rather than from float modules. For example::
+
+        class Linear(QATLinearBase):
+            float_types = (nn.Linear,)
+
+        class LinearReLU(QATLinearBase):
+            float_types = (nn.Linear, nn.ReLU)
+            activation_type = nn.ReLU
+
+    The forward is ``output_fq(activation(linear(x, weight_fq(weight), bias)))``
+    for inputs of any rank ``(*, in_features)``.
+
+    Per-channel weight specs use ``axis=0`` (``out_features``). Per-channel
+    output specs use ``axis=1`` and quantize along the last axis of the
+    output, its ``out_features``, whatever the input's rank: the output
+    fake quantizer sees the output reshaped to ``(N, out_features)``, with
+    ``N`` the product of the leading axes. One spec thus serves
+    ``(batch, features)``, ``(batch, tokens, features)`` and unbatched
+    inputs, and a per-channel activation spec shared with convs (whose
+    channels are axis 1) fits both.
+    """
+
+    activation_type: ClassVar[type[nn.Module] | None] = None
+
+    def __init__(self, *args: Any, qconfig: QConfig | None = None, **kwargs: Any) -> None:
+        """Build like ``nn.Linear``, plus the fake quantizers for ``qconfig``.
+
+        Without ``qconfig`` neither the weight nor the output is quantized.
+
+        Raises:
+            SwapError: ``qconfig`` quantizes the weight per channel along an
+                axis other than 0 or the output along an axis other than 1, or
+                names an unregistered observer or kernel.
+        """
+        super().__init__(*args, **kwargs)
+        self.activation = self.activation_type() if self.activation_type is not None else None
+        self.weight_fake_quant = None
+        self.output_fake_quant = None
+        self.qconfig = None
+        if qconfig is not None:
+            self._init_fake_quants(qconfig, _qualified("", self))
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
+    ) -> QATLinearBase:
+        """Build the QAT layer from an ``nn.Linear``, or a (linear, activation) tuple.
+
+        The QAT layer shares the float layer's weight and bias Parameters.
+
+        Raises:
+            SwapError: The modules do not match ``float_types``, ``qconfig``
+                is not a QConfig, the weight is not a Parameter, or the
+                qconfig cannot be applied (see :class:`QATLinearBase`).
+        """
+        modules = module if isinstance(module, tuple) else (module,)
+        linear = modules[0]
+        where = _qualified(name, linear)
+        if len(modules) != len(cls.float_types) or not all(
+            type(part) is expected for part, expected in zip(modules, cls.float_types)
+        ):
+            got = ", ".join(type(part).__name__ for part in modules)
+            want = ", ".join(kind.__name__ for kind in cls.float_types)
+            raise SwapError(f"{where}: {cls.__name__} is built from ({want}), got ({got})")
+        if not isinstance(qconfig, QConfig):
+            raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
+        if not isinstance(linear.weight, nn.Parameter):
+            raise SwapError(
+                f"{where}: its weight is a computed {type(linear.weight).__name__}, not a "
+                "Parameter, as torch.nn.utils.spectral_norm, weight_norm and parametrizations "
+                "leave it; remove them (torch.nn.utils.remove_spectral_norm, remove_weight_norm "
+                "or parametrize.remove_parametrizations) before swapping"
+            )
+
+        # Built on the meta device so that no throwaway weight is allocated;
+        # the float layer's parameters are assigned right after.
+        qat = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
+        qat.weight = linear.weight
+        qat.bias = linear.bias
+        if len(modules) > 1:
+            qat.activation = modules[1]
+        qat.train(linear.training)
+        qat._init_fake_quants(qconfig, where)
+        return qat
+
+    def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
+        _check_axis(qconfig, "weight", WEIGHT_AXIS, "out_features", where)
+        _check_axis(
+            qconfig,
+            "activation",
+            OUTPUT_AXIS,
+            "out_features, the last axis of the output whatever the input's rank",
+            where,
+        )
+
+        self.qconfig = qconfig
+        self.weight_fake_quant = _build_fake_quant(
+            qconfig.weight, self.out_features, "weight", where
+        )
+        self.output_fake_quant = _build_fake_quant(
+            qconfig.activation, self.out_features, "output", where
+        )
+        if self.weight.device.type != "meta":
+            for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
+                if fake_quant is not None:
+                    fake_quant.to(self.weight.device)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.weight_fake_quant is not None:
+            weight = self.weight_fake_quant(weight)
+        output = F.linear(input, weight, self.bias)
+        if self.activation is not None:
+            output = self.activation(output)
+        if self.output_fake_quant is None:
+            return output
+        if not self.output_fake_quant.spec.per_channel:
+            return self.output_fake_quant(output)
+        # Axis 1 of the spec is the last axis of the output, for any input rank.
+        rows = output.reshape(-1, self.out_features)
+        return self.output_fake_quant(rows).reshape(output.shape)
+
+    def to_float(self) -> nn.Module:
+        """Return the float linear (and activation) with copies of the parameters."""
+        linear = self.float_types[0](
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        linear.weight = _copy_parameter(self.weight)
+        linear.bias = _copy_parameter(self.bias) if self.bias is not None else None
+        linear.train(self.training)
+        if self.activation is None:
+            return linear
+        return nn.Sequential(linear, copy.deepcopy(self.activation)).train(self.training)
+
+
+class Linear(QATLinearBase):
+    """QAT ``nn.Linear``: fake-quantized weight and output."""
+
+    float_types = (nn.Linear,)
+
+
+class LinearReLU(QATLinearBase):
+    """QAT ``nn.Linear`` followed by ``nn.ReLU``; the output is fake-quantized after the ReLU."""
+
+    float_types = (nn.Linear, nn.ReLU)
+    activation_type = nn.ReLU
+
+
+def _qualified(name: str, module: nn.Module) -> str:
+    return f"{name or '<root>'} ({type(module).__name__})"
+
+
+def _check_axis(qconfig: QConfig, field: str, axis: int, meaning: str, where: str) -> None:
+    spec = getattr(qconfig, field)
+    if spec is None or spec.axis is None or spec.axis == axis:
+        return
+    role = "weight" if field == "weight" else "output"
+    raise SwapError(
+        f"{where}: per-channel {role} quantization of a linear layer needs axis={axis} "
+        f"({meaning}), got axis={spec.axis}; set QuantSpec(axis={axis}) in "
+        f"QConfig.{field}, or axis=None for one scale per tensor"
+    )
+
+
+def _build_fake_quant(
+    spec: QuantSpec | None, channels: int, role: str, where: str
+) -> FakeQuantize | None:
+    if spec is None:
+        return None
+    try:
+        # FakeQuantize ignores the channel count for a per-tensor spec.
+        return FakeQuantize(spec, channels=channels)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if error.args else str(error)
+        raise SwapError(f"{where}: cannot build the {role} fake quantizer: {message}") from None
+
+
+def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)
