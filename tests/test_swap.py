@@ -563,3 +563,18 @@ def test_explicit_group_blocked_by_hook_raises(x86: qatcore.QConfig) -> None:
 
     with pytest.raises(qatcore.SwapError, match=r"cannot be fused: body\.conv has forward hooks"):
         qatcore.plan(model, x86, fuse=[("body.conv", "act")])
+
+
+def test_subclass_with_own_forward_stays_float(x86: qatcore.QConfig) -> None:
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(ScaledConv(1, 2, 1))
+
+    with pytest.warns(qatcore.CoverageWarning, match=r"0 \(ScaledConv\)"):
+        qat = qatcore.swap_modules(model, x86)
+
+    assert type(qat[0]) is ScaledConv
+    x = torch.randn(1, 1, 3, 3)
+    assert torch.equal(qat(x), model(x))

@@ -230,3 +230,45 @@ def test_unbatched_input_raises() -> None:
 
     with pytest.raises(ValueError, match="needs batched input of 4 dimensions"):
         qat(torch.randn(3, 6, 5))
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        {"padding": "same"},
+        {"padding": "valid"},
+        {"padding": 1, "padding_mode": "reflect"},
+        {"padding": 1, "padding_mode": "circular"},
+        {"padding": 1, "groups": 4},
+        {"padding": "same", "dilation": 2},
+    ],
+    ids=["same", "valid", "reflect", "circular", "depthwise", "same-dilation"],
+)
+def test_conv_bn_matches_float_for_every_padding(dim: int, conv_kwargs: dict) -> None:
+    torch.manual_seed(0)
+    conv = CONV_TYPES[dim](4, 4, 3, **conv_kwargs)
+    bn = BN_TYPES[dim](4)
+    fused_type = OURS[(dim, False)]
+    qat = fused_type.from_float(copy.deepcopy((conv, bn)), qatcore.QConfig(weight=WEIGHT_SPEC))
+    qatcore.enable_fake_quant(qat, enabled=False)
+    x = torch.randn(2, 4, *SPATIAL[dim])
+
+    output = qat(x)
+
+    assert (output - bn(conv(x))).abs().max().item() <= 1e-5
+    qat.eval()
+    bn.eval()
+    assert (qat.to_float()(x) - bn(conv(x))).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_conv_bn_float64(dim: int) -> None:
+    members = tuple(module.double() for module in _float_members(dim, relu=True))
+    qat = _ours(members, dim, relu=True)
+
+    output = qat(_batch(dim, 0).double())
+
+    assert output.dtype == torch.float64
+    assert qat.weight_fake_quant.scale.dtype == torch.float32
+    assert torch.isfinite(output).all()
