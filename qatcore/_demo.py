@@ -191,19 +191,22 @@ def _to_image_tensor(images: object) -> torch.Tensor:
 
 
 def build_model() -> nn.Sequential:
-    """Build the demo CNN for ``(N, 1, 8, 8)`` images: three conv-ReLU pairs and a conv head.
+    """Build the demo CNN for ``(N, 1, 8, 8)`` images: three conv-BN-ReLU blocks and a conv head.
 
-    The conv-ReLU pairs are consecutive children of one ``nn.Sequential``,
-    so a preset fuses each of them. The head conv is swapped on its own,
-    and the pooling and flatten layers stay float.
+    Each conv-BN-ReLU block is fused into one QAT module that folds the
+    BatchNorm into the conv weight before fake quantization. The head conv
+    is swapped on its own, and the pooling and flatten layers stay float.
     """
     return nn.Sequential(
-        nn.Conv2d(1, 16, kernel_size=3, padding=1),
+        nn.Conv2d(1, 16, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
         nn.ReLU(),
-        nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        nn.Conv2d(16, 32, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(64, 10, kernel_size=2),

@@ -342,7 +342,7 @@ def test_demo_reduced_prints_report(capsys: pytest.CaptureFixture[str], tmp_path
     assert captured.err == ""
     assert "seed 4, 1 float and 1 QAT epochs, x86 preset" in captured.out
     assert "Swap plan (x86):" in captured.out
-    assert table_line(captured.out, "8", "swap", "Conv2d", "qatcore_conv.modules.Conv2d")
+    assert table_line(captured.out, "11", "swap", "Conv2d", "qatcore_conv.modules.Conv2d")
     demo_plan = qatcore.plan(_demo.build_model(), qatcore.get_qconfig("x86"))
     assert demo_plan.summary() in captured.out
     assert len(demo_plan.by_action("fuse")) == 3
