@@ -523,7 +523,7 @@ def plan(model: nn.Module, qconfig: QConfigLike, *, fuse: FuseLike = True) -> Pl
             with ``torch.fx``, calls back to back, where each intermediate
             output has no other user. Where tracing fails it fuses
             consecutive children of an ``nn.Sequential`` only, and
-            :attr:`Plan.notes` says so. ``False`` fuses nothing. A sequence of
+            :attr:`Plan.notes` records it. ``False`` fuses nothing. A sequence of
             groups, such as ``[("conv1", "relu1")]``, fuses exactly those
             modules, wherever they sit; the model's forward must call each
             group's members back to back on one tensor.

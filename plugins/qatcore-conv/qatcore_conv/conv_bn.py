@@ -2,8 +2,8 @@
 
 The fold computes what the ConvBn modules of torch.ao.nn.intrinsic.qat
 compute on their numerically stable slow path (torch 2.13). In training
-mode a float conv pass gives the batch statistics and updates the
-BN running statistics; the weight scaled by ``gamma / running_std`` is
+mode a float conv pass gives the batch statistics and updates the BN
+running statistics. Then the weight scaled by ``gamma / running_std`` is
 fake-quantized and convolved, and the result is rescaled to the batch
 statistics. A channel whose ``gamma`` is 0 gets a zero weight and outputs
 ``beta``, with no division by ``gamma`` anywhere.
@@ -35,7 +35,7 @@ class QATConvBnNd(QATConvNd):
     """A conv followed by BatchNorm (and optionally an activation), with BN folded.
 
     Call :meth:`freeze_bn_stats` to stop updating the BN running
-    statistics and use them instead of the batch statistics; the module then
+    statistics and use them instead of the batch statistics. The module then
     computes ``conv -> BN(eval)`` even in training mode.
     """
 
@@ -135,15 +135,16 @@ class QATConvBnNd(QATConvNd):
 
         output = output + (beta - gamma * mean / std).reshape(per_output)
         if self.bias is not None:
-            # The conv bias cancels out of the normalized output; this keeps it
-            # in the graph so that DistributedDataParallel sees it used.
+            # The conv bias cancels out of the normalized output. Adding zero
+            # made from it keeps the bias in the graph, so that
+            # DistributedDataParallel finds it used.
             output = output + (self.bias - self.bias).reshape(per_output)
         return output
 
     def to_float(self) -> nn.Module:
         """Return the conv with BN folded in, as an ``nn.Sequential`` in member order.
 
-        The BN slot holds an ``nn.Identity``, so that the float modules go
+        The BN slot is an ``nn.Identity``, so that the float modules go
         back into the same places. In eval mode its output equals this
         module's eval output with fake quantization off, up to float rounding.
         """
