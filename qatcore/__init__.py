@@ -22,7 +22,15 @@ from qatcore._hookspecs import hookimpl
 from qatcore._observer import Observer, RangeObserver, finite_min_max
 from qatcore._plan import FusedAway, Plan, PlanEntry, plan
 from qatcore._plugins import PluginError, PluginManager, plugin_manager
-from qatcore._protocol import QATConvNd, QATModule, SwapError
+from qatcore._protocol import (
+    QATConvNd,
+    QATModule,
+    SwapError,
+    build_fake_quant,
+    check_float_modules,
+    copy_parameter,
+    qualified_name,
+)
 from qatcore._reference import (
     check_qparams,
     fake_quantize_reference,
@@ -60,6 +68,9 @@ __all__ = [
     "Registry",
     "RegistryError",
     "SwapError",
+    "build_fake_quant",
+    "check_float_modules",
+    "copy_parameter",
     "check_qparams",
     "enable_fake_quant",
     "fake_quantize_reference",
@@ -73,6 +84,7 @@ __all__ = [
     "plugin_manager",
     "prepare_qparams",
     "qparams_from_min_max",
+    "qualified_name",
     "register_fusion",
     "register_kernel",
     "register_module",

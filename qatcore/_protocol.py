@@ -12,7 +12,15 @@ from torch import nn
 from qatcore._config import QConfig, QuantSpec
 from qatcore._fake_quantize import FakeQuantize
 
-__all__ = ["QATConvNd", "QATModule", "SwapError"]
+__all__ = [
+    "QATConvNd",
+    "QATModule",
+    "SwapError",
+    "build_fake_quant",
+    "check_float_modules",
+    "copy_parameter",
+    "qualified_name",
+]
 
 
 class SwapError(ValueError):
@@ -74,8 +82,45 @@ class QATModule(abc.ABC):
         return found
 
 
-def _qualified(name: str, module: nn.Module) -> str:
+def qualified_name(name: str, module: nn.Module) -> str:
+    """Return ``"name (Type)"`` for error messages; the root module is ``<root>``."""
     return f"{name or '<root>'} ({type(module).__name__})"
+
+
+def check_float_modules(
+    qat_type: type[QATModule],
+    module: nn.Module | tuple[nn.Module, ...],
+    qconfig: object,
+    name: str,
+) -> tuple[tuple[nn.Module, ...], str]:
+    """Validate the arguments of a ``from_float`` call; return the modules and their label.
+
+    Raises:
+        SwapError: The modules do not match ``qat_type.float_types`` exactly,
+            ``qconfig`` is not a QConfig, or the first module's weight is
+            computed by a hook rather than a Parameter. The message starts
+            with the module's qualified name.
+    """
+    modules = module if isinstance(module, tuple) else (module,)
+    first = modules[0]
+    where = qualified_name(name, first)
+    if len(modules) != len(qat_type.float_types) or not all(
+        type(part) is expected for part, expected in zip(modules, qat_type.float_types)
+    ):
+        got = ", ".join(type(part).__name__ for part in modules)
+        want = ", ".join(kind.__name__ for kind in qat_type.float_types)
+        raise SwapError(f"{where}: {qat_type.__name__} is built from ({want}), got ({got})")
+    if not isinstance(qconfig, QConfig):
+        raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
+    weight = getattr(first, "weight", None)
+    if weight is not None and not isinstance(weight, nn.Parameter):
+        raise SwapError(
+            f"{where}: its weight is a computed {type(weight).__name__}, not a "
+            "Parameter, as hook-based torch.nn.utils.spectral_norm and weight_norm leave "
+            "it; remove them (torch.nn.utils.remove_spectral_norm or remove_weight_norm) "
+            "before swapping"
+        )
+    return modules, where
 
 
 def _channels_along(spec: QuantSpec, shape: torch.Size, what: str, where: str) -> int | None:
@@ -90,9 +135,15 @@ def _channels_along(spec: QuantSpec, shape: torch.Size, what: str, where: str) -
     return int(shape[spec.axis])
 
 
-def _build_fake_quant(
+def build_fake_quant(
     spec: QuantSpec | None, channels: int | None, what: str, where: str
 ) -> FakeQuantize | None:
+    """Build the fake quantizer for ``spec``, or return None when the tensor stays float.
+
+    Raises:
+        SwapError: The observer or kernel is not registered, or the spec
+            cannot be applied; the message names ``where`` and ``what``.
+    """
     if spec is None:
         return None
     try:
@@ -135,7 +186,7 @@ class QATConvNd(QATModule):
         self.output_fake_quant = None
         self.qconfig = None
         if qconfig is not None:
-            self._init_fake_quants(qconfig, _qualified("", self))
+            self._init_fake_quants(qconfig, qualified_name("", self))
 
     # Set by the nn.Conv base class.
     weight: nn.Parameter
@@ -148,24 +199,8 @@ class QATConvNd(QATModule):
         cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
     ) -> QATConvNd:
         """Build the QAT conv from a float conv, or from a (conv, activation) tuple."""
-        modules = module if isinstance(module, tuple) else (module,)
+        modules, where = check_float_modules(cls, module, qconfig, name)
         conv = modules[0]
-        where = _qualified(name, conv)
-        if len(modules) != len(cls.float_types) or not all(
-            type(part) is expected for part, expected in zip(modules, cls.float_types)
-        ):
-            got = ", ".join(type(part).__name__ for part in modules)
-            want = ", ".join(kind.__name__ for kind in cls.float_types)
-            raise SwapError(f"{where}: {cls.__name__} is built from ({want}), got ({got})")
-        if not isinstance(qconfig, QConfig):
-            raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
-        if not isinstance(conv.weight, nn.Parameter):
-            raise SwapError(
-                f"{where}: its weight is a computed {type(conv.weight).__name__}, not a "
-                "Parameter, as hook-based torch.nn.utils.spectral_norm and weight_norm leave "
-                "it; remove them (torch.nn.utils.remove_spectral_norm or remove_weight_norm) "
-                "before swapping"
-            )
 
         qat = cls._from_conv_arguments(conv)
         qat.weight = conv.weight
@@ -198,7 +233,7 @@ class QATConvNd(QATModule):
         weight_channels = None
         if qconfig.weight is not None:
             weight_channels = _channels_along(qconfig.weight, self.weight.shape, "weight", where)
-        self.weight_fake_quant = _build_fake_quant(qconfig.weight, weight_channels, "weight", where)
+        self.weight_fake_quant = build_fake_quant(qconfig.weight, weight_channels, "weight", where)
 
         output_channels = None
         if qconfig.activation is not None and qconfig.activation.axis is not None:
@@ -208,7 +243,7 @@ class QATConvNd(QATModule):
                     f"output channels), got axis={qconfig.activation.axis}"
                 )
             output_channels = self.out_channels
-        self.output_fake_quant = _build_fake_quant(
+        self.output_fake_quant = build_fake_quant(
             qconfig.activation, output_channels, "output", where
         )
         if self.weight.device.type != "meta":
@@ -243,8 +278,8 @@ class QATConvNd(QATModule):
 
     def to_float(self) -> nn.Module:
         """Return the float conv (and activation) with copies of the parameters."""
-        bias = _copy_parameter(self.bias) if self.bias is not None else None
-        conv = self._float_conv(_copy_parameter(self.weight), bias)
+        bias = copy_parameter(self.bias) if self.bias is not None else None
+        conv = self._float_conv(copy_parameter(self.weight), bias)
         if self.activation is None:
             return conv
         return nn.Sequential(conv, copy.deepcopy(self.activation)).train(self.training)
@@ -270,5 +305,6 @@ class QATConvNd(QATModule):
         return conv.train(self.training)
 
 
-def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
+def copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
+    """Return a Parameter with a copy of ``parameter``'s data and its ``requires_grad``."""
     return nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatcore import FakeQuantize, QATModule, QConfig, QuantSpec, SwapError
+from qatcore import (
+    QATModule,
+    QConfig,
+    SwapError,
+    build_fake_quant,
+    check_float_modules,
+    copy_parameter,
+    qualified_name,
+)
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "QATConvTransposeNd"]
 
@@ -17,26 +25,6 @@ __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "QATConvTran
 # its output channels lie along axis 1.
 WEIGHT_CHANNEL_AXIS = 1
 OUTPUT_CHANNEL_AXIS = 1
-
-
-def _qualified(name: str, module: nn.Module) -> str:
-    return f"{name or '<root>'} ({type(module).__name__})"
-
-
-def _build_fake_quant(
-    spec: QuantSpec | None, channels: int | None, what: str, where: str
-) -> FakeQuantize | None:
-    if spec is None:
-        return None
-    try:
-        return FakeQuantize(spec, channels=channels)
-    except (KeyError, ValueError) as error:
-        message = error.args[0] if error.args else str(error)
-        raise SwapError(f"{where}: cannot build the {what} fake quantizer: {message}") from None
-
-
-def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)
 
 
 class QATConvTransposeNd(QATModule):
@@ -87,7 +75,7 @@ class QATConvTransposeNd(QATModule):
         self.output_fake_quant = None
         self.qconfig = None
         if qconfig is not None:
-            self._init_fake_quants(qconfig, _qualified("", self))
+            self._init_fake_quants(qconfig, qualified_name("", self))
 
     @classmethod
     def from_float(
@@ -101,24 +89,8 @@ class QATConvTransposeNd(QATModule):
                 hook, or a per-channel spec uses an axis other than 1; the
                 message names ``name``.
         """
-        modules = module if isinstance(module, tuple) else (module,)
+        modules, where = check_float_modules(cls, module, qconfig, name)
         conv = modules[0]
-        where = _qualified(name, conv)
-        if len(modules) != 1 or type(conv) is not cls.float_types[0]:
-            got = ", ".join(type(part).__name__ for part in modules)
-            raise SwapError(
-                f"{where}: {cls.__name__} is built from ({cls.float_types[0].__name__}), "
-                f"got ({got})"
-            )
-        if not isinstance(qconfig, QConfig):
-            raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
-        if not isinstance(conv.weight, nn.Parameter):
-            raise SwapError(
-                f"{where}: its weight is a computed {type(conv.weight).__name__}, not a "
-                "Parameter, as hook-based torch.nn.utils.spectral_norm and weight_norm leave "
-                "it; remove them (torch.nn.utils.remove_spectral_norm or remove_weight_norm) "
-                "before swapping"
-            )
 
         # Built on the meta device so that no throwaway weight is allocated;
         # the float module's parameters are assigned right after.
@@ -167,8 +139,8 @@ class QATConvTransposeNd(QATModule):
             output_channels = self.out_channels
 
         self.qconfig = qconfig
-        self.weight_fake_quant = _build_fake_quant(qconfig.weight, weight_channels, "weight", where)
-        self.output_fake_quant = _build_fake_quant(
+        self.weight_fake_quant = build_fake_quant(qconfig.weight, weight_channels, "weight", where)
+        self.output_fake_quant = build_fake_quant(
             qconfig.activation, output_channels, "output", where
         )
         if self.weight.device.type != "meta":
@@ -262,8 +234,8 @@ class QATConvTransposeNd(QATModule):
             device="meta",
             dtype=self.weight.dtype,
         )
-        conv.weight = _copy_parameter(self.weight)
-        conv.bias = _copy_parameter(self.bias) if self.bias is not None else None
+        conv.weight = copy_parameter(self.weight)
+        conv.bias = copy_parameter(self.bias) if self.bias is not None else None
         conv.train(self.training)
         return conv
 

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatcore import FakeQuantize, QATModule, QConfig, QuantSpec, SwapError
+from qatcore import (
+    QATModule,
+    QConfig,
+    SwapError,
+    build_fake_quant,
+    check_float_modules,
+    copy_parameter,
+    qualified_name,
+)
 
 __all__ = ["Linear", "LinearReLU", "QATLinearBase"]
 
@@ -65,7 +73,7 @@ class QATLinearBase(QATModule, nn.Linear):
         self.output_fake_quant = None
         self.qconfig = None
         if qconfig is not None:
-            self._init_fake_quants(qconfig, _qualified("", self))
+            self._init_fake_quants(qconfig, qualified_name("", self))
 
     @classmethod
     def from_float(
@@ -80,24 +88,8 @@ class QATLinearBase(QATModule, nn.Linear):
                 is not a QConfig, the weight is not a Parameter, or the
                 qconfig cannot be applied (see :class:`QATLinearBase`).
         """
-        modules = module if isinstance(module, tuple) else (module,)
+        modules, where = check_float_modules(cls, module, qconfig, name)
         linear = modules[0]
-        where = _qualified(name, linear)
-        if len(modules) != len(cls.float_types) or not all(
-            type(part) is expected for part, expected in zip(modules, cls.float_types)
-        ):
-            got = ", ".join(type(part).__name__ for part in modules)
-            want = ", ".join(kind.__name__ for kind in cls.float_types)
-            raise SwapError(f"{where}: {cls.__name__} is built from ({want}), got ({got})")
-        if not isinstance(qconfig, QConfig):
-            raise SwapError(f"{where}: qconfig must be a QConfig, got {qconfig!r}")
-        if not isinstance(linear.weight, nn.Parameter):
-            raise SwapError(
-                f"{where}: its weight is a computed {type(linear.weight).__name__}, not a "
-                "Parameter, as torch.nn.utils.spectral_norm, weight_norm and parametrizations "
-                "leave it; remove them (torch.nn.utils.remove_spectral_norm, remove_weight_norm "
-                "or parametrize.remove_parametrizations) before swapping"
-            )
 
         # Built on the meta device so that no throwaway weight is allocated;
         # the float layer's parameters are assigned right after.
@@ -127,10 +119,10 @@ class QATLinearBase(QATModule, nn.Linear):
         )
 
         self.qconfig = qconfig
-        self.weight_fake_quant = _build_fake_quant(
+        self.weight_fake_quant = build_fake_quant(
             qconfig.weight, self.out_features, "weight", where
         )
-        self.output_fake_quant = _build_fake_quant(
+        self.output_fake_quant = build_fake_quant(
             qconfig.activation, self.out_features, "output", where
         )
         if self.weight.device.type != "meta":
@@ -162,8 +154,8 @@ class QATLinearBase(QATModule, nn.Linear):
             device="meta",
             dtype=self.weight.dtype,
         )
-        linear.weight = _copy_parameter(self.weight)
-        linear.bias = _copy_parameter(self.bias) if self.bias is not None else None
+        linear.weight = copy_parameter(self.weight)
+        linear.bias = copy_parameter(self.bias) if self.bias is not None else None
         linear.train(self.training)
         if self.activation is None:
             return linear
@@ -183,10 +175,6 @@ class LinearReLU(QATLinearBase):
     activation_type = nn.ReLU
 
 
-def _qualified(name: str, module: nn.Module) -> str:
-    return f"{name or '<root>'} ({type(module).__name__})"
-
-
 def _check_axis(qconfig: QConfig, field: str, axis: int, meaning: str, where: str) -> None:
     spec = getattr(qconfig, field)
     if spec is None or spec.axis is None or spec.axis == axis:
@@ -197,20 +185,3 @@ def _check_axis(qconfig: QConfig, field: str, axis: int, meaning: str, where: st
         f"({meaning}), got axis={spec.axis}; set QuantSpec(axis={axis}) in "
         f"QConfig.{field}, or axis=None for one scale per tensor"
     )
-
-
-def _build_fake_quant(
-    spec: QuantSpec | None, channels: int, role: str, where: str
-) -> FakeQuantize | None:
-    if spec is None:
-        return None
-    try:
-        # FakeQuantize ignores the channel count for a per-tensor spec.
-        return FakeQuantize(spec, channels=channels)
-    except (KeyError, ValueError) as error:
-        message = error.args[0] if error.args else str(error)
-        raise SwapError(f"{where}: cannot build the {role} fake quantizer: {message}") from None
-
-
-def _copy_parameter(parameter: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)
