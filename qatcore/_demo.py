@@ -298,7 +298,7 @@ def run_demo(
         torch.manual_seed(seed)
         model = build_model()
     # A swap of the untrained model fails where the real swap would, before
-    # any training time is spent; its warnings come again with the real swap.
+    # any training time is spent. Its warnings come again with the real swap.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CoverageWarning)
         swap_modules(model, qconfig)

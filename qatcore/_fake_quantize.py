@@ -40,7 +40,7 @@ class FakeQuantize(Float32Buffers):
     """Observe a tensor's range and fake-quantize the tensor with the resulting qparams.
 
     In training mode with the observer enabled, each call first folds the
-    input's finite range into the observer and recomputes the qparams; then
+    input's finite range into the observer and recomputes the qparams. Then
     the input is fake-quantized with them, as in ``torch.ao.quantization``'s
     ``FakeQuantize``. In eval mode the qparams stay as they are.
 

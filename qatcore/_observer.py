@@ -17,7 +17,7 @@ class Float32Buffers(nn.Module):
     """Module whose buffers keep their dtype when the module is cast.
 
     ``Module.half()`` and ``Module.to(dtype)`` would cast statistics and
-    qparams; they stay float32 (and integer buffers stay integer) so that a
+    qparams. They stay float32, and integer buffers stay integer, so that a
     model cast to bf16 or fp16 keeps full-precision qparams. Device moves
     apply as usual.
     """
@@ -93,8 +93,8 @@ def finite_min_max(
         return _squeeze(empty_min, axis), _squeeze(empty_max, axis), all_finite
 
     # Eager CPU code takes one fast reduction and redoes it with a mask only
-    # when it met a non-finite value; the host check is cheap on the CPU.
-    # Compiled graphs and other devices take the branch-free masked form.
+    # when it met a non-finite value, because the host check is cheap on the
+    # CPU. Compiled graphs and other devices take the branch-free masked form.
     if not torch.compiler.is_compiling() and x.device.type == "cpu":
         batch_min, batch_max = _reduce_min_max(rows, axis)
         # NaN or inf in either makes the difference non-finite; a finite

@@ -231,8 +231,8 @@ class PluginManager:
             if self._pm.is_registered(plugin):
                 self._pm.unregister(plugin)
             raise ValueError(f"cannot register plugin {name or plugin!r}: {error}") from None
-        # pluggy returns None only for names blocked on its own manager, which
-        # this manager never blocks.
+        # pluggy returns None only for names blocked with its set_blocked,
+        # which this class never calls.
         registered = str(registered)
         self._sources[registered] = _Source()
         self._registry = None

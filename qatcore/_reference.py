@@ -102,7 +102,7 @@ def check_qparams(
             )
 
     # The check reads the scale on the host, so it is skipped while tracing a
-    # graph; observers never produce such a scale, only a hand-set one can.
+    # graph. Observers never produce such a scale; only a hand-set one can.
     if torch.compiler.is_compiling():
         return
     valid = torch.isfinite(scale) & (scale > 0)

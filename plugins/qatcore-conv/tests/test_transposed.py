@@ -113,7 +113,7 @@ def _run_parity(
     qat = qatcore.swap_modules(nn.Sequential(conv), QCONFIG)[0]
     oracle = copy.deepcopy(conv)
     groups = conv.groups
-    # With groups > 1 no axis of the weight holds all output channels, so
+    # With groups > 1 no axis of the weight contains all output channels, so
     # torch.ao observes a copy regrouped by output channel along axis 0.
     weight_fq, output_fq = _ao_fake_quants(ch_axis=1 if groups == 1 else 0)
 

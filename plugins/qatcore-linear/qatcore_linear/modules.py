@@ -47,8 +47,8 @@ class QATLinearBase(QATModule, nn.Linear):
 
     Per-channel weight specs use ``axis=0`` (``out_features``). Per-channel
     output specs use ``axis=1`` and quantize along the last axis of the
-    output, its ``out_features``, whatever the input's rank: the output
-    fake quantizer sees the output reshaped to ``(N, out_features)``, with
+    output, its ``out_features``, whatever the input's rank. The output
+    fake quantizer receives the output reshaped to ``(N, out_features)``, with
     ``N`` the product of the leading axes. One spec thus serves
     ``(batch, features)``, ``(batch, tokens, features)`` and unbatched
     inputs, and a per-channel activation spec shared with convs (whose

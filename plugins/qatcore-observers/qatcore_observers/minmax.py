@@ -1,4 +1,4 @@
-"""Min/max observers, per-tensor or per-channel as the spec's axis says."""
+"""Min/max observers, per-tensor or per-channel as the spec's axis selects."""
 
 from __future__ import annotations
 

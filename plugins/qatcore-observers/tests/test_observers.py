@@ -212,7 +212,8 @@ def test_degenerate_batch_gives_valid_scale(
     observer(x)
     scale, zero_point = observer.calculate_qparams()
 
-    assert torch.isfinite(scale) and scale.item() > 0
+    assert torch.isfinite(scale)
+    assert scale.item() > 0
     assert spec.quant_min <= zero_point.item() <= spec.quant_max
     assert torch.isfinite(_fake_quantize(observer, x[torch.isfinite(x)])).all()
 
@@ -290,7 +291,8 @@ def test_zero_and_tiny_channels_quantize_safely(dtype: torch.dtype) -> None:
     output = fake_quant(weight)
 
     scale = fake_quant.scale
-    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert torch.isfinite(scale).all()
+    assert (scale > 0).all()
     assert output.dtype == dtype
     assert torch.equal(output[0], torch.zeros_like(output[0]))
     error = (output.float() - weight.float()).abs().flatten(1).amax(dim=1)
