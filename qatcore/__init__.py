@@ -16,7 +16,7 @@ from qatcore._api import (
     register_plugin,
     unregister_plugin,
 )
-from qatcore._config import QConfig, QuantSpec
+from qatcore._config import OUTPUT_CHANNELS, QConfig, QuantSpec
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._hookspecs import hookimpl
 from qatcore._observer import Observer, RangeObserver, finite_min_max
@@ -54,6 +54,7 @@ __all__ = [
     "CoverageWarning",
     "FakeQuantize",
     "FusedAway",
+    "OUTPUT_CHANNELS",
     "Observer",
     "Plan",
     "PlanEntry",

@@ -9,7 +9,13 @@ from typing import Any
 
 import attrs
 
-__all__ = ["QConfig", "QuantSpec"]
+__all__ = ["OUTPUT_CHANNELS", "QConfig", "QuantSpec"]
+
+OUTPUT_CHANNELS = "output_channels"
+"""``QuantSpec.axis`` value for one scale per output channel, wherever a module keeps them.
+
+Each QAT module resolves it to its own axis: 0 for conv and linear weights,
+1 for transposed conv weights and for every output."""
 
 MIN_BITS = 2
 MAX_BITS = 16
@@ -40,12 +46,12 @@ def _check_bool(instance: object, attribute: attrs.Attribute, value: object) -> 
 
 
 def _check_axis(instance: QuantSpec, attribute: attrs.Attribute, value: object) -> None:
-    if value is None:
+    if value is None or value == OUTPUT_CHANNELS:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(
-            f"QuantSpec.axis must be None (per-tensor) or an int (per-channel), "
-            f"got {_describe(value)}"
+            f"QuantSpec.axis must be None (per-tensor), an int (per-channel along that axis) "
+            f"or {OUTPUT_CHANNELS!r} (per output channel), got {_describe(value)}"
         )
     if value < 0:
         raise ValueError(
@@ -89,8 +95,9 @@ class QuantSpec:
         signed: Signed (``int``) or unsigned (``uint``) codes.
         symmetric: Symmetric range around zero (zero point fixed) or affine
             range with a computed zero point.
-        axis: ``None`` for one scale per tensor, or the channel axis for one
-            scale per channel.
+        axis: ``None`` for one scale per tensor, the channel axis for one
+            scale per channel, or :data:`OUTPUT_CHANNELS` for one scale per
+            output channel along whatever axis the module keeps them.
         narrow_range: Drop the lowest code of a signed range, or code 0 of an
             unsigned one.
         observer: Name of the registered observer that records the range.
@@ -106,7 +113,7 @@ class QuantSpec:
     bits: int = attrs.field(default=8, converter=_to_int, validator=_check_bits)
     signed: bool = attrs.field(default=True, validator=_check_bool)
     symmetric: bool = attrs.field(default=True, validator=_check_bool)
-    axis: int | None = attrs.field(default=None, converter=_to_int, validator=_check_axis)
+    axis: int | str | None = attrs.field(default=None, converter=_to_int, validator=_check_axis)
     narrow_range: bool = attrs.field(default=False, validator=_check_bool)
     observer: str = attrs.field(default="moving_average_minmax", validator=_check_name)
     observer_options: Mapping[str, Any] = attrs.field(
@@ -132,6 +139,16 @@ class QuantSpec:
     def per_channel(self) -> bool:
         """Whether each channel along ``axis`` has its own scale and zero point."""
         return self.axis is not None
+
+    def resolve_axis(self, output_channel_axis: int) -> QuantSpec:
+        """Return this spec with :data:`OUTPUT_CHANNELS` replaced by ``output_channel_axis``.
+
+        A spec with an int axis, or none, is returned unchanged. QAT modules
+        call this before building a fake quantizer.
+        """
+        if self.axis != OUTPUT_CHANNELS:
+            return self
+        return attrs.evolve(self, axis=output_channel_axis)
 
     def __getstate__(self) -> dict[str, Any]:
         state = {field.name: getattr(self, field.name) for field in attrs.fields(QuantSpec)}

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from qatcore._config import QuantSpec
+from qatcore._config import OUTPUT_CHANNELS, QuantSpec
 from qatcore._observer import Float32Buffers, Observer
 from qatcore._plugins import plugin_manager
 from qatcore._reference import fake_quantize_reference
@@ -60,7 +60,8 @@ class FakeQuantize(Float32Buffers):
     Raises:
         KeyError: ``spec.observer`` or ``spec.kernel`` is not registered; the
             message names the plugin to install.
-        ValueError: A per-channel spec comes without a channel count.
+        ValueError: A per-channel spec comes without a channel count, or
+            its axis is still :data:`~qatcore.OUTPUT_CHANNELS`.
     """
 
     scale: torch.Tensor
@@ -70,6 +71,11 @@ class FakeQuantize(Float32Buffers):
         self, spec: QuantSpec, *, channels: int | None = None, observer: Observer | None = None
     ) -> None:
         super().__init__()
+        if spec.axis == OUTPUT_CHANNELS:
+            raise ValueError(
+                f"QuantSpec(axis={OUTPUT_CHANNELS!r}) names no axis until a module resolves "
+                "it; call spec.resolve_axis(axis) with the tensor's output-channel axis"
+            )
         if spec.per_channel and (channels is None or channels < 1):
             raise ValueError(
                 f"per-channel fake quantization along axis {spec.axis} needs the channel "

@@ -171,6 +171,7 @@ class QATConvNd(QATModule):
     The forward is ``output_fq(activation(conv(x, weight_fq(weight), bias)))``
     with every padding mode of the float conv. Per-channel weight specs use
     ``axis=0`` (output channels); per-channel output specs use ``axis=1``.
+    :data:`~qatcore.OUTPUT_CHANNELS` resolves to these axes.
     """
 
     activation_type: ClassVar[type[nn.Module] | None] = None
@@ -230,22 +231,22 @@ class QATConvNd(QATModule):
 
     def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
         self.qconfig = qconfig
+        weight_spec = None if qconfig.weight is None else qconfig.weight.resolve_axis(0)
         weight_channels = None
-        if qconfig.weight is not None:
-            weight_channels = _channels_along(qconfig.weight, self.weight.shape, "weight", where)
-        self.weight_fake_quant = build_fake_quant(qconfig.weight, weight_channels, "weight", where)
+        if weight_spec is not None:
+            weight_channels = _channels_along(weight_spec, self.weight.shape, "weight", where)
+        self.weight_fake_quant = build_fake_quant(weight_spec, weight_channels, "weight", where)
 
+        output_spec = None if qconfig.activation is None else qconfig.activation.resolve_axis(1)
         output_channels = None
-        if qconfig.activation is not None and qconfig.activation.axis is not None:
-            if qconfig.activation.axis != 1:
+        if output_spec is not None and output_spec.axis is not None:
+            if output_spec.axis != 1:
                 raise SwapError(
                     f"{where}: per-channel output quantization of a conv needs axis=1 (the "
-                    f"output channels), got axis={qconfig.activation.axis}"
+                    f"output channels), got axis={output_spec.axis}"
                 )
             output_channels = self.out_channels
-        self.output_fake_quant = build_fake_quant(
-            qconfig.activation, output_channels, "output", where
-        )
+        self.output_fake_quant = build_fake_quant(output_spec, output_channels, "output", where)
         if self.weight.device.type != "meta":
             for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
                 if fake_quant is not None:

@@ -10,7 +10,8 @@ from collections.abc import Iterator, Mapping
 import attrs
 import pytest
 
-from qatcore import QConfig, QuantSpec
+import qatcore
+from qatcore import OUTPUT_CHANNELS, QConfig, QuantSpec
 
 
 class _OptionsMapping(Mapping[str, object]):
@@ -44,9 +45,9 @@ INVALID_FIELDS = [
     pytest.param("narrow_range", 1, "must be a bool", id="narrow_range-int"),
     pytest.param("narrow_range", "false", "must be a bool", id="narrow_range-str"),
     pytest.param("axis", -1, "non-negative", id="axis-negative"),
-    pytest.param("axis", 1.0, "None (per-tensor) or an int", id="axis-float"),
-    pytest.param("axis", True, "None (per-tensor) or an int", id="axis-bool"),
-    pytest.param("axis", "0", "None (per-tensor) or an int", id="axis-str"),
+    pytest.param("axis", 1.0, "None (per-tensor), an int", id="axis-float"),
+    pytest.param("axis", True, "None (per-tensor), an int", id="axis-bool"),
+    pytest.param("axis", "0", "None (per-tensor), an int", id="axis-str"),
     pytest.param("observer", "", "non-empty str", id="observer-empty"),
     pytest.param("observer", None, "non-empty str", id="observer-none"),
     pytest.param("observer", 3, "non-empty str", id="observer-int"),
@@ -92,13 +93,35 @@ def test_quantspec_accepts_every_bit_width(bits: int) -> None:
         pytest.param(None, id="per-tensor"),
         pytest.param(0, id="axis-0"),
         pytest.param(3, id="axis-3"),
+        pytest.param(OUTPUT_CHANNELS, id="output-channels"),
     ],
 )
-def test_quantspec_accepts_axis(axis: int | None) -> None:
+def test_quantspec_accepts_axis(axis: int | str | None) -> None:
     spec = QuantSpec(axis=axis)
 
     assert spec.axis == axis
     assert spec.per_channel is (axis is not None)
+
+
+def test_output_channels_resolves_to_the_module_axis() -> None:
+    spec = QuantSpec(bits=4, axis=OUTPUT_CHANNELS)
+
+    resolved = spec.resolve_axis(1)
+
+    assert resolved.axis == 1
+    assert resolved == attrs.evolve(spec, axis=1)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 2], ids=["per-tensor", "axis-0", "axis-2"])
+def test_resolve_axis_keeps_an_explicit_axis(axis: int | None) -> None:
+    spec = QuantSpec(axis=axis)
+
+    assert spec.resolve_axis(1) is spec
+
+
+def test_fake_quantize_rejects_an_unresolved_axis() -> None:
+    with pytest.raises(ValueError, match=r"call spec\.resolve_axis\(axis\)"):
+        qatcore.FakeQuantize(QuantSpec(axis=OUTPUT_CHANNELS), channels=4)
 
 
 @pytest.mark.parametrize(

@@ -115,34 +115,38 @@ class QATConvTransposeNd(QATModule):
         return qat
 
     def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
+        weight_spec = qconfig.weight
+        if weight_spec is not None:
+            weight_spec = weight_spec.resolve_axis(WEIGHT_CHANNEL_AXIS)
         weight_channels = None
-        if qconfig.weight is not None and qconfig.weight.axis is not None:
-            if qconfig.weight.axis != WEIGHT_CHANNEL_AXIS:
+        if weight_spec is not None and weight_spec.axis is not None:
+            if weight_spec.axis != WEIGHT_CHANNEL_AXIS:
                 raise SwapError(
                     f"{where}: the weight spec quantizes per channel along axis "
-                    f"{qconfig.weight.axis}, but a transposed conv weight has shape "
+                    f"{weight_spec.axis}, but a transposed conv weight has shape "
                     f"(in_channels, out_channels // groups, *kernel_size) = "
                     f"{tuple(self.weight.shape)}, with the output channels along axis 1; "
-                    "set QuantSpec(axis=1) for this module, for example with a qconfig "
-                    f"mapping keyed by torch.nn.{self.float_types[0].__name__}, or axis=None "
-                    "for one scale per tensor"
+                    "set QuantSpec(axis=qatcore.OUTPUT_CHANNELS), which every QAT module "
+                    "resolves to its own output-channel axis, or axis=None for one scale "
+                    "per tensor"
                 )
             weight_channels = self.out_channels
 
+        output_spec = qconfig.activation
+        if output_spec is not None:
+            output_spec = output_spec.resolve_axis(OUTPUT_CHANNEL_AXIS)
         output_channels = None
-        if qconfig.activation is not None and qconfig.activation.axis is not None:
-            if qconfig.activation.axis != OUTPUT_CHANNEL_AXIS:
+        if output_spec is not None and output_spec.axis is not None:
+            if output_spec.axis != OUTPUT_CHANNEL_AXIS:
                 raise SwapError(
                     f"{where}: per-channel output quantization of a transposed conv needs "
-                    f"axis=1 (the output channels), got axis={qconfig.activation.axis}"
+                    f"axis=1 (the output channels), got axis={output_spec.axis}"
                 )
             output_channels = self.out_channels
 
         self.qconfig = qconfig
-        self.weight_fake_quant = build_fake_quant(qconfig.weight, weight_channels, "weight", where)
-        self.output_fake_quant = build_fake_quant(
-            qconfig.activation, output_channels, "output", where
-        )
+        self.weight_fake_quant = build_fake_quant(weight_spec, weight_channels, "weight", where)
+        self.output_fake_quant = build_fake_quant(output_spec, output_channels, "output", where)
         if self.weight.device.type != "meta":
             for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
                 if fake_quant is not None:

@@ -250,12 +250,12 @@ def test_wrong_weight_axis_raises_at_swap(dim: int, axis: int) -> None:
     with pytest.raises(
         qatcore.SwapError,
         match=rf"0\.0 \({name}\): .*along axis {axis}.*output channels along axis 1; "
-        r"set QuantSpec\(axis=1\)",
+        r"set QuantSpec\(axis=qatcore\.OUTPUT_CHANNELS\)",
     ):
         qatcore.swap_modules(model, qconfig)
 
 
-def test_readme_x86_variant_example_runs() -> None:
+def test_readme_x86_example_runs() -> None:
     pytest.importorskip("qatcore_x86")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (example,) = re.findall(r"^```python\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
@@ -269,12 +269,21 @@ def test_readme_x86_variant_example_runs() -> None:
     assert qat[0].weight_fake_quant.spec.axis == 0
 
 
-def test_x86_axis_error_names_fix() -> None:
-    pytest.importorskip("qatcore_x86")
-    model = nn.Sequential(nn.ConvTranspose2d(3, 5, 2))
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+@pytest.mark.parametrize("groups", [1, 2], ids=["groups-1", "groups-2"])
+def test_output_channels_axis_gives_one_scale_per_output_channel(dim: int, groups: int) -> None:
+    torch.manual_seed(0)
+    conv = FLOAT_TYPES[dim](4, 6, 2, groups=groups)
+    spec = qatcore.QuantSpec(bits=8, signed=True, symmetric=True, axis=qatcore.OUTPUT_CHANNELS)
+    qat = qatcore.swap_modules(conv, qatcore.QConfig(weight=spec))
 
-    with pytest.raises(qatcore.SwapError, match=r"mapping keyed by torch\.nn\.ConvTranspose2d"):
-        qatcore.swap_modules(model, qatcore.get_qconfig("x86"))
+    qat(torch.randn(2, 4, *(3,) * dim))
+
+    # Output channel g * 3 + j is column j of the rows of group g.
+    columns = conv.weight.detach().reshape(groups, 4 // groups, 6 // groups, -1)
+    per_channel_max = columns.abs().amax(dim=(1, 3)).reshape(6)
+    assert qat.weight_fake_quant.spec.axis == 1
+    assert torch.equal(qat.weight_fake_quant.scale, per_channel_max / 127.5)
 
 
 @pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)

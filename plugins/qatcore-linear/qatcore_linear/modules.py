@@ -12,6 +12,7 @@ from torch import nn
 from qatcore import (
     QATModule,
     QConfig,
+    QuantSpec,
     SwapError,
     build_fake_quant,
     check_float_modules,
@@ -109,8 +110,8 @@ class QATLinearBase(QATModule, nn.Linear):
         return qat
 
     def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
-        _check_axis(qconfig, "weight", WEIGHT_AXIS, "out_features", where)
-        _check_axis(
+        weight_spec = _resolved_spec(qconfig, "weight", WEIGHT_AXIS, "out_features", where)
+        output_spec = _resolved_spec(
             qconfig,
             "activation",
             OUTPUT_AXIS,
@@ -119,11 +120,9 @@ class QATLinearBase(QATModule, nn.Linear):
         )
 
         self.qconfig = qconfig
-        self.weight_fake_quant = build_fake_quant(
-            qconfig.weight, self.out_features, "weight", where
-        )
+        self.weight_fake_quant = build_fake_quant(weight_spec, self.out_features, "weight", where)
         self.output_fake_quant = build_fake_quant(
-            qconfig.activation, self.out_features, "output", where
+            output_spec, self.out_features, "output", where
         )
         if self.weight.device.type != "meta":
             for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
@@ -175,10 +174,20 @@ class LinearReLU(QATLinearBase):
     activation_type = nn.ReLU
 
 
-def _check_axis(qconfig: QConfig, field: str, axis: int, meaning: str, where: str) -> None:
+def _resolved_spec(
+    qconfig: QConfig, field: str, axis: int, meaning: str, where: str
+) -> QuantSpec | None:
+    """Return the spec of ``field`` with its output-channel axis resolved to ``axis``.
+
+    Raises:
+        SwapError: The spec is per channel along another axis.
+    """
     spec = getattr(qconfig, field)
-    if spec is None or spec.axis is None or spec.axis == axis:
-        return
+    if spec is None:
+        return None
+    spec = spec.resolve_axis(axis)
+    if spec.axis is None or spec.axis == axis:
+        return spec
     role = "weight" if field == "weight" else "output"
     raise SwapError(
         f"{where}: per-channel {role} quantization of a linear layer needs axis={axis} "

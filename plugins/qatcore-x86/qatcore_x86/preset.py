@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from qatcore import QConfig, QuantSpec
+from qatcore import OUTPUT_CHANNELS, QConfig, QuantSpec
 
 __all__ = ["X86_QCONFIG"]
 
-# Weights: int8, symmetric, one scale per output channel (axis 0), as the x86
-# engine's quantized conv and linear kernels take them.
-_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, axis=0, observer="moving_average_minmax")
+# Weights: int8, symmetric, one scale per output channel, as the x86 engine's
+# quantized kernels take them. The output channels are axis 0 of a conv or
+# linear weight and axis 1 of a transposed conv weight; each QAT module
+# resolves OUTPUT_CHANNELS to its own.
+_WEIGHT = QuantSpec(
+    bits=8, signed=True, symmetric=True, axis=OUTPUT_CHANNELS, observer="moving_average_minmax"
+)
 
 # Activations: uint8 affine per tensor over the full [0, 255]. The quantized
 # tensors that the x86 engine produces span all 256 codes, so training on the

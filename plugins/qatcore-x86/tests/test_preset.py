@@ -28,8 +28,27 @@ def test_weights_are_int8_symmetric_per_channel() -> None:
 
     assert (weight.quant_min, weight.quant_max) == (-128, 127)
     assert weight.symmetric
-    assert weight.axis == 0
+    assert weight.axis == qatcore.OUTPUT_CHANNELS
     assert weight.observer == "moving_average_minmax"
+
+
+@pytest.mark.parametrize(
+    ("float_module", "axis", "channels"),
+    [
+        pytest.param(nn.Conv2d(4, 6, 3), 0, 6, id="conv2d"),
+        pytest.param(nn.ConvTranspose2d(4, 6, 3), 1, 6, id="conv-transpose2d"),
+        pytest.param(nn.ConvTranspose1d(4, 6, 3, groups=2), 1, 6, id="grouped-conv-transpose1d"),
+    ],
+)
+def test_weights_get_one_scale_per_output_channel(
+    float_module: nn.Module, axis: int, channels: int
+) -> None:
+    pytest.importorskip("qatcore_conv")
+
+    qat = qatcore.swap_modules(float_module, X86_QCONFIG)
+
+    assert qat.weight_fake_quant.spec.axis == axis
+    assert qat.weight_fake_quant.scale.shape == (channels,)
 
 
 def test_activations_use_the_full_uint8_range() -> None:
