@@ -121,9 +121,7 @@ class QATLinearBase(QATModule, nn.Linear):
 
         self.qconfig = qconfig
         self.weight_fake_quant = build_fake_quant(weight_spec, self.out_features, "weight", where)
-        self.output_fake_quant = build_fake_quant(
-            output_spec, self.out_features, "output", where
-        )
+        self.output_fake_quant = build_fake_quant(output_spec, self.out_features, "output", where)
         if self.weight.device.type != "meta":
             for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
                 if fake_quant is not None:
