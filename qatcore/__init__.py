@@ -16,6 +16,7 @@ from qatcore._api import (
     register_plugin,
     unregister_plugin,
 )
+from qatcore._batchnorm import BatchNormFolding
 from qatcore._config import OUTPUT_CHANNELS, QConfig, QuantSpec
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._hookspecs import hookimpl
@@ -51,6 +52,7 @@ from qatcore._warnings import CoverageWarning, QatcoreWarning
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormFolding",
     "CoverageWarning",
     "FakeQuantize",
     "FusedAway",

@@ -1,12 +1,7 @@
 """QAT conv-BatchNorm: BN folded into the weight before fake quantization.
 
-The fold computes what the ConvBn modules of torch.ao.nn.intrinsic.qat
-compute on their numerically stable slow path (torch 2.13). In training
-mode a float conv pass gives the batch statistics and updates the BN
-running statistics. Then the weight scaled by ``gamma / running_std`` is
-fake-quantized and convolved, and the result is rescaled to the batch
-statistics. A channel whose ``gamma`` is 0 gets a zero weight and outputs
-``beta``, with no division by ``gamma`` anywhere.
+The fold is :class:`qatcore.BatchNormFolding`'s, which matches the ConvBn
+modules of torch.ao.nn.intrinsic.qat on their numerically stable slow path.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qatcore import QATConvNd, SwapError
+from qatcore import BatchNormFolding, QATConvNd
 
 __all__ = [
     "ConvBn1d",
@@ -31,7 +26,7 @@ __all__ = [
 ]
 
 
-class QATConvBnNd(QATConvNd):
+class QATConvBnNd(BatchNormFolding, QATConvNd):
     """A conv followed by BatchNorm (and optionally an activation), with BN folded.
 
     Call :meth:`freeze_bn_stats` to stop updating the BN running
@@ -40,7 +35,6 @@ class QATConvBnNd(QATConvNd):
     """
 
     bn_type: ClassVar[type[_BatchNorm]]
-    bn: _BatchNorm
 
     def __init__(
         self,
@@ -61,41 +55,13 @@ class QATConvBnNd(QATConvNd):
         self.freeze_bn = False
 
     def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
-        bn = members[0]
-        if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None:
-            raise SwapError(
-                f"{where}: its {type(bn).__name__} has track_running_stats=False, so there "
-                "are no running statistics to fold; keep it unfused with fuse=False"
-            )
-        if bn.num_features != self.out_channels:
-            raise SwapError(
-                f"{where}: its {type(bn).__name__} has {bn.num_features} features but the "
-                f"conv has {self.out_channels} output channels"
-            )
-        self.bn = bn
-        self.freeze_bn = not bn.training
+        self._adopt_bn(members[0], self.out_channels, where)
         self.activation = members[1] if len(members) > 1 else None
 
-    def train(self, mode: bool = True) -> QATConvBnNd:
-        """Set training mode; frozen BN statistics stay frozen."""
-        self.training = mode
-        for module in self.children():
-            if module is not self.bn or not self.freeze_bn:
-                module.train(mode)
-        return self
-
-    def freeze_bn_stats(self, frozen: bool = True) -> QATConvBnNd:
-        """Stop (or, with ``frozen=False``, resume) BN statistics updates."""
-        self.freeze_bn = frozen
-        self.bn.train(self.training and not frozen)
-        return self
-
-    def _channel_shapes(self) -> tuple[list[int], list[int]]:
-        per_weight = [1] * self.weight.dim()
-        per_weight[0] = -1
-        per_output = [1] * self.weight.dim()
-        per_output[1] = -1
-        return per_weight, per_output
+    def _apply_weight(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        return self._conv_forward(input, weight, bias)
 
     def _conv_output(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != self.weight.dim():
@@ -103,43 +69,7 @@ class QATConvBnNd(QATConvNd):
                 f"{type(self).__name__} needs batched input of {self.weight.dim()} dimensions, "
                 f"got shape {tuple(input.shape)}, because BatchNorm does"
             )
-        bn = self.bn
-        per_weight, per_output = self._channel_shapes()
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
-        zero_bias = torch.zeros(self.out_channels, device=self.weight.device, dtype=input.dtype)
-
-        if bn.training:
-            conv_output = self._conv_forward(input, self.weight, zero_bias)
-            with torch.no_grad():
-                biased = (
-                    conv_output
-                    if self.bias is None
-                    else conv_output + self.bias.reshape(per_output)
-                )
-                bn(biased)  # updates the running statistics exactly as BatchNorm does
-
-        running_std = torch.sqrt(bn.running_var + bn.eps)
-        folded = self.weight * (gamma / running_std).reshape(per_weight)
-        output = self._conv_forward(input, self._fake_quantized_weight(folded), zero_bias)
-
-        if bn.training:
-            dims = [0, *range(2, self.weight.dim())]
-            mean = conv_output.mean(dims)
-            variance = torch.square(conv_output - mean.reshape(per_output)).mean(dims)
-            std = torch.sqrt(variance + bn.eps)
-            output = output * (running_std / std).reshape(per_output)
-        else:
-            mean = bn.running_mean - (self.bias if self.bias is not None else 0)
-            std = running_std
-
-        output = output + (beta - gamma * mean / std).reshape(per_output)
-        if self.bias is not None:
-            # The conv bias cancels out of the normalized output. Adding zero
-            # made from it keeps the bias in the graph, so that
-            # DistributedDataParallel finds it used.
-            output = output + (self.bias - self.bias).reshape(per_output)
-        return output
+        return self._bn_folded_output(input)
 
     def to_float(self) -> nn.Module:
         """Return the conv with BN folded in, as an ``nn.Sequential`` in member order.
@@ -148,19 +78,7 @@ class QATConvBnNd(QATConvNd):
         back into the same places. In eval mode its output equals this
         module's eval output with fake quantization off, up to float rounding.
         """
-        bn = self.bn
-        weight, bias = torch.nn.utils.fuse_conv_bn_weights(
-            self.weight.detach().clone(),
-            self.bias.detach().clone() if self.bias is not None else None,
-            bn.running_mean,
-            bn.running_var,
-            bn.eps,
-            bn.weight.detach() if bn.weight is not None else None,
-            bn.bias.detach() if bn.bias is not None else None,
-        )
-        weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
-        bias = nn.Parameter(bias.detach().clone(), requires_grad=self.weight.requires_grad)
-        members: list[nn.Module] = [self._float_conv(weight, bias), nn.Identity()]
+        members: list[nn.Module] = [self._float_conv(*self._folded_parameters()), nn.Identity()]
         if self.activation is not None:
             members.append(copy.deepcopy(self.activation))
         return nn.Sequential(*members).train(self.training)

@@ -1,0 +1,163 @@
+"""BatchNorm folded into the weight of the layer before it, as QAT simulates it.
+
+The fold computes what the ConvBn modules of torch.ao.nn.intrinsic.qat
+compute on their numerically stable slow path (torch 2.13), for any layer
+whose output channels BatchNorm normalizes: conv, transposed conv, linear.
+In training mode a float pass gives the batch statistics and updates the
+BN running statistics. Then the weight scaled by ``gamma / running_std`` is
+fake-quantized and applied, and the result is rescaled to the batch
+statistics. A channel whose ``gamma`` is 0 gets a zero weight and outputs
+``beta``, with no division by ``gamma`` anywhere.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qatcore._protocol import SwapError
+
+__all__ = ["BatchNormFolding"]
+
+
+class BatchNormFolding(abc.ABC):
+    """Mixin for a QAT layer followed by BatchNorm, with the BN folded into its weight.
+
+    The layer keeps the BN module as ``bn`` and calls
+    :meth:`_bn_folded_output` in its forward. A concrete class provides
+    :meth:`_apply_weight` and ``_fake_quantized_weight(weight)``, and overrides
+    :meth:`_scale_output_channels` where its weight does not keep the output
+    channels along axis 0. The layer's output has its channels along axis 1,
+    where BatchNorm expects them.
+
+    Call :meth:`freeze_bn_stats` to stop updating the BN running statistics
+    and use them instead of the batch statistics: the layer then computes
+    ``layer -> BN(eval)`` even in training mode.
+    """
+
+    bn: _BatchNorm
+    freeze_bn: bool
+    training: bool
+
+    # Set by the torch.nn layer class.
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    # Provided by the QAT layer class: the weight after the weight fake quantizer.
+    _fake_quantized_weight: Callable[[torch.Tensor], torch.Tensor]
+
+    @abc.abstractmethod
+    def _apply_weight(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the layer's output for ``input`` computed with ``weight`` and ``bias``."""
+
+    def _scale_output_channels(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Return ``weight`` with each output channel multiplied by its entry of ``factor``."""
+        shape = [1] * weight.dim()
+        shape[0] = -1
+        return weight * factor.reshape(shape)
+
+    def _adopt_bn(self, bn: _BatchNorm, channels: int, where: str) -> None:
+        """Take over ``bn``, the float BatchNorm that follows the layer.
+
+        Raises:
+            SwapError: ``bn`` keeps no running statistics, or normalizes a
+                number of features other than ``channels``.
+        """
+        if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None:
+            raise SwapError(
+                f"{where}: its {type(bn).__name__} has track_running_stats=False, so there "
+                "are no running statistics to fold; keep it unfused with fuse=False"
+            )
+        if bn.num_features != channels:
+            raise SwapError(
+                f"{where}: its {type(bn).__name__} has {bn.num_features} features but the "
+                f"layer has {channels} output channels"
+            )
+        self.bn = bn
+        self.freeze_bn = not bn.training
+
+    def train(self, mode: bool = True) -> BatchNormFolding:
+        """Set training mode; frozen BN statistics stay frozen."""
+        self.training = mode
+        for module in self.children():  # type: ignore[attr-defined]
+            if module is not self.bn or not self.freeze_bn:
+                module.train(mode)
+        return self
+
+    def freeze_bn_stats(self, frozen: bool = True) -> BatchNormFolding:
+        """Stop (or, with ``frozen=False``, resume) BN statistics updates."""
+        self.freeze_bn = frozen
+        self.bn.train(self.training and not frozen)
+        return self
+
+    def _bn_folded_output(self, input: torch.Tensor) -> torch.Tensor:
+        """Return the output of layer then BN, with the folded weight fake-quantized."""
+        bn = self.bn
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+        # A zero bias rather than none keeps the same kernel as torch.ao, whose
+        # results these match bit for bit.
+        zero_bias = torch.zeros(bn.num_features, device=self.weight.device, dtype=input.dtype)
+
+        if bn.training:
+            float_output = self._apply_weight(input, self.weight, zero_bias)
+            with torch.no_grad():
+                biased = float_output
+                if self.bias is not None:
+                    biased = float_output + _along_channels(self.bias, float_output)
+                bn(biased)  # updates the running statistics exactly as BatchNorm does
+
+        running_std = torch.sqrt(bn.running_var + bn.eps)
+        folded = self._scale_output_channels(self.weight, gamma / running_std)
+        output = self._apply_weight(input, self._fake_quantized_weight(folded), zero_bias)
+
+        if bn.training:
+            dims = [0, *range(2, float_output.dim())]
+            mean = float_output.mean(dims)
+            variance = torch.square(float_output - _along_channels(mean, float_output)).mean(dims)
+            std = torch.sqrt(variance + bn.eps)
+            output = output * _along_channels(running_std / std, output)
+        else:
+            mean = bn.running_mean - (self.bias if self.bias is not None else 0)
+            std = running_std
+
+        output = output + _along_channels(beta - gamma * mean / std, output)
+        if self.bias is not None:
+            # The layer's bias cancels out of the normalized output. Adding
+            # zero made from it keeps the bias in the graph, so that
+            # DistributedDataParallel finds it used.
+            output = output + _along_channels(self.bias - self.bias, output)
+        return output
+
+    def _folded_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """Return new weight and bias Parameters with the BN running statistics folded in.
+
+        The float layer built from them computes, in eval mode, what this
+        layer then BN compute in eval mode with fake quantization off.
+        """
+        bn = self.bn
+        with torch.no_grad():
+            inverse_std = torch.rsqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+            bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+            weight = self._scale_output_channels(self.weight, gamma * inverse_std)
+            folded_bias = (bias - bn.running_mean) * inverse_std * gamma + beta
+        requires_grad = self.weight.requires_grad
+        return (
+            nn.Parameter(weight.to(self.weight.dtype), requires_grad=requires_grad),
+            nn.Parameter(folded_bias.to(self.weight.dtype), requires_grad=requires_grad),
+        )
+
+
+def _along_channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-channel vector to broadcast along axis 1 of ``like``."""
+    shape = [1] * like.dim()
+    shape[1] = -1
+    return values.reshape(shape)
