@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from qatcore._config import QConfig
 from qatcore._fake_quantize import FakeQuantize
-from qatcore._graph_fusion import TraceFailure, traced_fusion_groups
+from qatcore._graph_fusion import TraceFailure, traced_fusions
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, SwapError
 from qatcore._registry import Registry, describe_key, install_hint
@@ -293,7 +293,7 @@ class _Planner:
     def _plan_traced_groups(self, order: dict[str, int]) -> None:
         """Fuse the chains that the traced forward calls, or fall back to containers."""
         try:
-            groups = traced_fusion_groups(self.model, self.registry.fusions)
+            groups, blocked = traced_fusions(self.model, self.registry.fusions)
         except TraceFailure as error:
             self.plan_notes.append(
                 f"torch.fx could not trace the model ({error}); fusion looked only at "
@@ -301,17 +301,23 @@ class _Planner:
             )
             return
         self.auto_fuse = False  # the graph covers nn.Sequential children too
+        self.notes.update(blocked)
         for group in groups:
             members = [(name, self.model.get_submodule(name)) for name in group]
             first_name, first = members[0]
             qconfig = self.resolve(first_name, first)
             if qconfig is None:
                 continue
-            blocked = _hooks_blocking_fusion(members) or self._qconfigs_blocking_fusion(members)
-            if blocked:
-                self.notes[first_name] = f"not fused: {blocked}"
+            problem = _hooks_blocking_fusion(members) or self._qconfigs_blocking_fusion(members)
+            if problem:
+                self._note_unfused(group, problem)
                 continue
             self._add_fused(group, members, qconfig)
+
+    def _note_unfused(self, group: Sequence[str], problem: str) -> None:
+        """Record on each member of ``group`` why the group was not fused."""
+        for name in group:
+            self.notes[name] = f"not fused as {' + '.join(group)}: {problem}"
 
     def _plan_module(self, name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
         """Plan ``module`` and return the children that still need a plan."""
@@ -351,11 +357,14 @@ class _Planner:
                 entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
             else:
                 base = mapped_base(module, self.registry)
+                reason = _keep_reason(module, self.registry)
+                if name in self.notes:
+                    reason = f"{reason}; {self.notes[name]}"
                 entry = PlanEntry(
                     name,
                     KEEP,
                     float_type,
-                    reason=_keep_reason(module, self.registry),
+                    reason=reason,
                     missing_plugin=self.registry.modules.provider_hint(type(module)),
                     subclass_of=describe_key(base) if base is not None else None,
                 )
@@ -439,9 +448,9 @@ class _Planner:
                 continue
             if not all(type(module) is kind for (_, module), kind in zip(window, pattern)):
                 continue
-            blocked = _hooks_blocking_fusion(window) or self._qconfigs_blocking_fusion(window)
-            if blocked:
-                self.notes[first_name] = f"not fused: {blocked}"
+            problem = _hooks_blocking_fusion(window) or self._qconfigs_blocking_fusion(window)
+            if problem:
+                self._note_unfused([name for name, _ in window], problem)
                 continue
             return pattern, fused_type, qconfig
         return None

@@ -46,6 +46,21 @@ FACTORY_SOURCE = """\
         raise RuntimeError("the factory failed on purpose")
 
 
+    class SideBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+
+    def build_side_branch():
+        return SideBranch()
+
+
     LAYERS = 3
     """
 
@@ -201,6 +216,19 @@ def test_plan_prints_fused_swapped_and_kept(capsys: pytest.CaptureFixture[str]) 
     assert table_line(output, "3", "keep", "Flatten")
     assert table_line(output, "4", "swap", "Linear", "qatcore_linear.modules.Linear")
     assert output.rstrip().endswith(factory_plan_summary())
+
+
+@pytest.mark.usefixtures("conv_plugins", "factory_folder")
+def test_plan_says_why_a_pattern_was_not_fused(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", f"{FACTORY_MODULE}:build_side_branch"])
+
+    output = capsys.readouterr().out
+    why = "not fused as conv + bn: the output of conv also feeds add"
+    assert code == 0
+    assert table_line(output, "conv", "swap", "Conv2d", f"qatcore_conv.modules.Conv2d ({why})")
+    assert table_line(
+        output, "bn", "keep", "BatchNorm2d", f"no QAT mapping for torch.nn.BatchNorm2d; {why}"
+    )
 
 
 BAD_PLAN_ARGUMENTS = [

@@ -119,6 +119,32 @@ class ReusedIntermediate(nn.Module):
         return self.bn(y) + y
 
 
+class ReusedNormalized(nn.Module):
+    """The BN output feeds the ReLU and a side branch: conv and BN fuse, the ReLU cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return torch.cat([self.act(y), y], dim=1)
+
+
+class CalledTwice(nn.Module):
+    """One conv-ReLU pair applied to two inputs: a fused module cannot stand for both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) + self.act(self.conv(y))
+
+
 class DataDependent(nn.Module):
     """A forward whose control flow depends on values, which torch.fx cannot trace."""
 
@@ -180,11 +206,38 @@ def test_unet_decoder_with_transposed_conv(x86: qatcore.QConfig) -> None:
     assert _swapped(decisions) == {"up"}
 
 
+def _reasons(decisions: qatcore.Plan) -> dict[str, str]:
+    return {entry.name: entry.reason for entry in decisions}
+
+
 def test_reused_intermediate_blocks_fusion(x86: qatcore.QConfig) -> None:
     decisions = qatcore.plan(ReusedIntermediate(), x86)
 
     assert _fused_groups(decisions) == set()
     assert _swapped(decisions) == {"conv"}
+    why = "not fused as conv + bn: the output of conv also feeds add"
+    assert _reasons(decisions)["conv"] == why
+    assert _reasons(decisions)["bn"] == f"no QAT mapping for torch.nn.BatchNorm2d; {why}"
+
+
+def test_reused_bn_output_fuses_conv_and_bn_only(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(ReusedNormalized(), x86)
+
+    assert _fused_groups(decisions) == {("conv", "bn")}
+    assert _reasons(decisions)["act"] == (
+        "no QAT mapping for torch.nn.ReLU; "
+        "not fused as conv + bn + act: the output of bn also feeds cat"
+    )
+
+
+def test_module_called_twice_is_not_fused(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(CalledTwice(), x86)
+
+    assert _fused_groups(decisions) == set()
+    assert _reasons(decisions)["conv"] == (
+        "not fused as conv + act: the forward calls conv 2 times, and one fused module "
+        "cannot stand for several calls"
+    )
 
 
 def test_untraceable_model_falls_back_to_containers(x86: qatcore.QConfig) -> None:

@@ -272,7 +272,8 @@ def test_forward_hook_on_conv_blocks_fusion(x86: qatcore.QConfig) -> None:
     qat(torch.randn(1, 3, 5, 5))
 
     assert decisions[0].action == "swap"
-    assert "not fused: 0 has forward hooks" in decisions[0].reason
+    assert "not fused as 0 + 1: 0 has forward hooks" in decisions[0].reason
+    assert "not fused as 0 + 1: 0 has forward hooks" in decisions[1].reason
     assert type(qat[0]) is qatcore_conv.Conv2d
     assert type(qat[1]) is nn.ReLU
     assert outputs[0].min() < 0, "the hook must see the conv output before the ReLU"
@@ -398,7 +399,7 @@ def test_relu_with_own_qconfig_not_fused(relu_qconfig: str, x86: qatcore.QConfig
     decisions = qatcore.plan(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), mapping)
 
     assert decisions[0].action == "swap"
-    assert "not fused: 1 has a qconfig of its own" in decisions[0].reason
+    assert "not fused as 0 + 1: 1 has a qconfig of its own" in decisions[0].reason
 
 
 @pytest.mark.parametrize(

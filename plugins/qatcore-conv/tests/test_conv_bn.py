@@ -39,17 +39,23 @@ THEIRS = {
 }
 GAMMA = [0.0, 1.0, 0.5, 2.0]
 WEIGHT_SPEC = qatcore.QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
-AO_QCONFIG = tq.QConfig(
-    activation=tq.NoopObserver,
-    weight=tq.FakeQuantize.with_args(
-        observer=tq.MovingAveragePerChannelMinMaxObserver,
-        quant_min=-128,
-        quant_max=127,
-        dtype=torch.qint8,
-        qscheme=torch.per_channel_symmetric,
-        ch_axis=0,
-    ),
+OUTPUT_SPEC = qatcore.QuantSpec(bits=8, signed=False, symmetric=False)
+AO_WEIGHT = tq.FakeQuantize.with_args(
+    observer=tq.MovingAveragePerChannelMinMaxObserver,
+    quant_min=-128,
+    quant_max=127,
+    dtype=torch.qint8,
+    qscheme=torch.per_channel_symmetric,
+    ch_axis=0,
 )
+AO_OUTPUT = tq.FakeQuantize.with_args(
+    observer=tq.MovingAverageMinMaxObserver,
+    quant_min=0,
+    quant_max=255,
+    dtype=torch.quint8,
+    qscheme=torch.per_tensor_affine,
+)
+AO_QCONFIG = tq.QConfig(activation=tq.NoopObserver, weight=AO_WEIGHT)
 
 
 def _float_members(dim: int, relu: bool, bias: bool = True) -> tuple[nn.Module, ...]:
@@ -64,18 +70,26 @@ def _float_members(dim: int, relu: bool, bias: bool = True) -> tuple[nn.Module, 
     return (conv, bn, nn.ReLU()) if relu else (conv, bn)
 
 
-def _ours(members: tuple[nn.Module, ...], dim: int, relu: bool) -> conv_bn.QATConvBnNd:
-    qconfig = qatcore.QConfig(weight=WEIGHT_SPEC)
+def _ours(
+    members: tuple[nn.Module, ...], dim: int, relu: bool, output: bool = False
+) -> conv_bn.QATConvBnNd:
+    qconfig = qatcore.QConfig(weight=WEIGHT_SPEC, activation=OUTPUT_SPEC if output else None)
     return OURS[(dim, relu)].from_float(copy.deepcopy(members), qconfig)
 
 
-def _theirs(members: tuple[nn.Module, ...], dim: int, relu: bool) -> nn.Module:
+def _theirs(
+    members: tuple[nn.Module, ...], dim: int, relu: bool, output: bool = False
+) -> nn.Module:
     float_type, qat_type = THEIRS[(dim, relu)]
     fused = float_type(*copy.deepcopy(members))
     fused.qconfig = AO_QCONFIG
     qat = qat_type.from_float(fused)
     qat._enable_slow_path_for_better_numerical_stability = True
-    return qat
+    if not output:
+        return qat
+    # torch.ao's eager flow fake-quantizes a module's output in the next
+    # module's input stub; a FakeQuantize right after the module is the same.
+    return nn.Sequential(qat, AO_OUTPUT())
 
 
 def _batch(dim: int, step: int) -> torch.Tensor:
@@ -86,11 +100,14 @@ def _batch(dim: int, step: int) -> torch.Tensor:
 @pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
 @pytest.mark.parametrize("relu", [False, True], ids=["conv-bn", "conv-bn-relu"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_conv_bn_matches_torch_ao_slow_path(dim: int, relu: bool, bias: bool) -> None:
+@pytest.mark.parametrize("output", [False, True], ids=["float-output", "quantized-output"])
+def test_conv_bn_matches_torch_ao_slow_path(dim: int, relu: bool, bias: bool, output: bool) -> None:
     members = _float_members(dim, relu, bias)
-    ours, theirs = _ours(members, dim, relu), _theirs(members, dim, relu)
+    ours = _ours(members, dim, relu, output)
+    wrapped = _theirs(members, dim, relu, output)
+    theirs = wrapped[0] if output else wrapped
     ours_optimizer = torch.optim.SGD(ours.parameters(), lr=0.05)
-    theirs_optimizer = torch.optim.SGD(theirs.parameters(), lr=0.05)
+    theirs_optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.05)
 
     for step in range(6):
         if step == 3:
@@ -98,7 +115,7 @@ def test_conv_bn_matches_torch_ao_slow_path(dim: int, relu: bool, bias: bool) ->
             theirs.freeze_bn_stats()
         x = _batch(dim, step)
         x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+        y_ours, y_theirs = ours(x_ours), wrapped(x_theirs)
         upstream = torch.randn(y_ours.shape, generator=torch.Generator().manual_seed(99))
         (y_ours * upstream).sum().backward()
         (y_theirs * upstream).sum().backward()
@@ -110,6 +127,12 @@ def test_conv_bn_matches_torch_ao_slow_path(dim: int, relu: bool, bias: bool) ->
         assert torch.equal(ours.bn.running_mean, theirs.bn.running_mean), step
         assert torch.equal(ours.bn.running_var, theirs.bn.running_var), step
         assert torch.equal(ours.weight_fake_quant.scale, theirs.weight_fake_quant.scale), step
+        if output:
+            # torch.ao keeps per-tensor qparams with shape (1,); qatcore with shape ().
+            ours_qparams = ours.output_fake_quant.qparams()
+            theirs_qparams = (wrapped[1].scale.reshape(()), wrapped[1].zero_point.reshape(()))
+            assert torch.equal(ours_qparams[0], theirs_qparams[0]), step
+            assert torch.equal(ours_qparams[1], theirs_qparams[1].to(torch.int32)), step
         assert torch.isfinite(y_ours).all()
 
         ours_optimizer.step()
