@@ -38,12 +38,21 @@ _PROVIDERS: dict[str, dict[object, str]] = {
         nn.Linear: "qatcore-linear",
     },
     "fusion": {
-        (nn.Conv1d, nn.ReLU): "qatcore-conv",
-        (nn.Conv2d, nn.ReLU): "qatcore-conv",
-        (nn.Conv3d, nn.ReLU): "qatcore-conv",
+        **{
+            pattern: "qatcore-conv"
+            for conv, bn in (
+                (nn.Conv1d, nn.BatchNorm1d),
+                (nn.Conv2d, nn.BatchNorm2d),
+                (nn.Conv3d, nn.BatchNorm3d),
+                (nn.ConvTranspose1d, nn.BatchNorm1d),
+                (nn.ConvTranspose2d, nn.BatchNorm2d),
+                (nn.ConvTranspose3d, nn.BatchNorm3d),
+            )
+            for pattern in ((conv, nn.ReLU), (conv, bn), (conv, bn, nn.ReLU))
+        },
         (nn.Linear, nn.ReLU): "qatcore-linear",
-        (nn.Conv2d, nn.BatchNorm2d): "qatcore-conv",
-        (nn.Conv2d, nn.BatchNorm2d, nn.ReLU): "qatcore-conv",
+        (nn.Linear, nn.BatchNorm1d): "qatcore-linear",
+        (nn.Linear, nn.BatchNorm1d, nn.ReLU): "qatcore-linear",
     },
     "observer": {
         "minmax": "qatcore-observers",

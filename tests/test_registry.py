@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+import qatcore
 from qatcore import QATModule, QConfig, QuantSpec, Registry, RegistryError
-from qatcore._registry import Entry, Table
+from qatcore._registry import FIRST_PARTY, Entry, Table
 
 
 class QATLinear(QATModule, nn.Linear):
@@ -372,6 +373,23 @@ def test_miss_names_distribution_to_install(
     message = str(excinfo.value)
     assert f"registered for {described}" in message
     assert "(registered: none)" in message
+
+
+def test_every_first_party_key_has_an_install_hint() -> None:
+    manager = qatcore.plugin_manager()
+    distributions = {
+        info.name: info.distribution
+        for info in manager.plugins()
+        if info.distribution in FIRST_PARTY
+    }
+    if not distributions:
+        pytest.skip("no first-party plugin is installed")
+
+    for table in manager.registry.tables().values():
+        for key in table:
+            plugin = table.entry(key).plugin
+            if plugin in distributions:
+                assert table.provider_hint(key) == distributions[plugin], (table.kind, key)
 
 
 def test_miss_names_registered_and_distribution() -> None:
