@@ -103,8 +103,7 @@ class QATLinearBase(QATModule, nn.Linear):
         )
         qat.weight = linear.weight
         qat.bias = linear.bias
-        if len(modules) > 1:
-            qat.activation = modules[1]
+        qat._adopt_members(modules[1:], where)
         qat.train(linear.training)
         qat._init_fake_quants(qconfig, where)
         return qat
@@ -127,11 +126,22 @@ class QATLinearBase(QATModule, nn.Linear):
                 if fake_quant is not None:
                     fake_quant.to(self.weight.device)
 
+    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
+        """Take over the float modules that follow the linear layer in a fused group."""
+        if members:
+            self.activation = members[-1]
+
+    def _fake_quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.weight_fake_quant is None:
+            return weight
+        return self.weight_fake_quant(weight)
+
+    def _linear_output(self, input: torch.Tensor) -> torch.Tensor:
+        """Return the output before the activation and the output fake quantizer."""
+        return F.linear(input, self._fake_quantized_weight(self.weight), self.bias)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.weight_fake_quant is not None:
-            weight = self.weight_fake_quant(weight)
-        output = F.linear(input, weight, self.bias)
+        output = self._linear_output(input)
         if self.activation is not None:
             output = self.activation(output)
         if self.output_fake_quant is None:
@@ -144,19 +154,24 @@ class QATLinearBase(QATModule, nn.Linear):
 
     def to_float(self) -> nn.Module:
         """Return the float linear (and activation) with copies of the parameters."""
-        linear = self.float_types[0](
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-        linear.weight = copy_parameter(self.weight)
-        linear.bias = copy_parameter(self.bias) if self.bias is not None else None
-        linear.train(self.training)
+        bias = copy_parameter(self.bias) if self.bias is not None else None
+        linear = self._float_linear(copy_parameter(self.weight), bias)
         if self.activation is None:
             return linear
         return nn.Sequential(linear, copy.deepcopy(self.activation)).train(self.training)
+
+    def _float_linear(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+        """Build the float linear layer of this module's shape around ``weight`` and ``bias``."""
+        linear = self.float_types[0](
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        linear.weight = weight
+        linear.bias = bias
+        return linear.train(self.training)
 
 
 class Linear(QATLinearBase):

@@ -93,7 +93,11 @@ def test_discovered_through_the_distribution_entry_point() -> None:
     assert infos["linear"].distribution == "qatcore-linear"
     assert infos["linear"].registrations == {
         "modules": [nn.Linear],
-        "fusions": [(nn.Linear, nn.ReLU)],
+        "fusions": [
+            (nn.Linear, nn.ReLU),
+            (nn.Linear, nn.BatchNorm1d),
+            (nn.Linear, nn.BatchNorm1d, nn.ReLU),
+        ],
     }
 
 
