@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,9 +53,13 @@ class BatchNormFolding(abc.ABC):
 
     @abc.abstractmethod
     def _apply_weight(
-        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, **options: Any
     ) -> torch.Tensor:
-        """Return the layer's output for ``input`` computed with ``weight`` and ``bias``."""
+        """Return the layer's output for ``input`` computed with ``weight`` and ``bias``.
+
+        ``options`` are the keyword arguments given to :meth:`_bn_folded_output`
+        for this call, such as a transposed conv's output padding.
+        """
 
     def _scale_output_channels(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """Return ``weight`` with each output channel multiplied by its entry of ``factor``."""
@@ -96,8 +101,11 @@ class BatchNormFolding(abc.ABC):
         self.bn.train(self.training and not frozen)
         return self
 
-    def _bn_folded_output(self, input: torch.Tensor) -> torch.Tensor:
-        """Return the output of layer then BN, with the folded weight fake-quantized."""
+    def _bn_folded_output(self, input: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Return the output of layer then BN, with the folded weight fake-quantized.
+
+        ``options`` go to each :meth:`_apply_weight` call.
+        """
         bn = self.bn
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
@@ -106,7 +114,7 @@ class BatchNormFolding(abc.ABC):
         zero_bias = torch.zeros(bn.num_features, device=self.weight.device, dtype=input.dtype)
 
         if bn.training:
-            float_output = self._apply_weight(input, self.weight, zero_bias)
+            float_output = self._apply_weight(input, self.weight, zero_bias, **options)
             with torch.no_grad():
                 biased = float_output
                 if self.bias is not None:
@@ -115,7 +123,8 @@ class BatchNormFolding(abc.ABC):
 
         running_std = torch.sqrt(bn.running_var + bn.eps)
         folded = self._scale_output_channels(self.weight, gamma / running_std)
-        output = self._apply_weight(input, self._fake_quantized_weight(folded), zero_bias)
+        quantized = self._fake_quantized_weight(folded)
+        output = self._apply_weight(input, quantized, zero_bias, **options)
 
         if bn.training:
             dims = [0, *range(2, float_output.dim())]

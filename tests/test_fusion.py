@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import attrs
 import pytest
 import torch
 from torch import nn
@@ -92,18 +91,24 @@ class VideoStem(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """Upsample with a transposed conv, concatenate the skip, then conv-BN-ReLU."""
+    """Upsample with transposed conv-BN-ReLU, concatenate the skip, then conv-BN-ReLU twice."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
-        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False)
+        self.up_bn = nn.BatchNorm2d(8)
+        self.up_act = nn.ReLU()
+        self.conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(8)
         self.act = nn.ReLU()
+        self.refine = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.head = nn.ConvTranspose2d(8, 2, 3, padding=1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([self.up(x), skip], dim=1)
-        return self.act(self.bn(self.conv(y)))
+        y = torch.cat([self.up_act(self.up_bn(self.up(x))), skip], dim=1)
+        return self.head(self.refine(self.act(self.bn(self.conv(y)))))
 
 
 class ReusedIntermediate(nn.Module):
@@ -197,13 +202,35 @@ def test_conv3d_video_stem(x86: qatcore.QConfig) -> None:
 
 
 def test_unet_decoder_with_transposed_conv(x86: qatcore.QConfig) -> None:
-    transposed = attrs.evolve(x86, weight=attrs.evolve(x86.weight, axis=1))
-    mapping = {"": x86, nn.ConvTranspose2d: transposed}
+    decisions = qatcore.plan(UNetDecoder(), x86)
 
-    decisions = qatcore.plan(UNetDecoder(), mapping)
+    assert _fused_groups(decisions) == {
+        ("up", "up_bn", "up_act"),
+        ("conv", "bn", "act"),
+        ("refine.0", "refine.1", "refine.2"),
+    }
+    assert _swapped(decisions) == {"head"}
 
-    assert _fused_groups(decisions) == {("conv", "bn", "act")}
-    assert _swapped(decisions) == {"up"}
+
+def test_unet_decoder_trains_and_returns_to_float(x86: qatcore.QConfig) -> None:
+    torch.manual_seed(0)
+    model = UNetDecoder()
+    qat = qatcore.swap_modules(model, x86)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    x, skip = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 8, 8)
+
+    for _ in range(3):
+        loss = qat(x, skip).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    float_model = qatcore.to_float(qat).eval()
+    qatcore.enable_fake_quant(qat, False)
+    qat.eval()
+
+    assert type(qat.up).__name__ == "ConvTransposeBnReLU2d"
+    assert qat.up.weight_fake_quant.scale.shape == (8,)
+    assert torch.allclose(float_model(x, skip), qat(x, skip), atol=1e-5)
 
 
 def _reasons(decisions: qatcore.Plan) -> dict[str, str]:

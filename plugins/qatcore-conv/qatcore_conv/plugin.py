@@ -12,7 +12,22 @@ from qatcore_conv.conv_bn import (
     ConvBnReLU3d,
 )
 from qatcore_conv.modules import Conv1d, Conv2d, Conv3d, ConvReLU1d, ConvReLU2d, ConvReLU3d
-from qatcore_conv.transposed import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
+from qatcore_conv.transposed import (
+    ConvTranspose1d,
+    ConvTranspose2d,
+    ConvTranspose3d,
+    ConvTransposeReLU1d,
+    ConvTransposeReLU2d,
+    ConvTransposeReLU3d,
+)
+from qatcore_conv.transposed_bn import (
+    ConvTransposeBn1d,
+    ConvTransposeBn2d,
+    ConvTransposeBn3d,
+    ConvTransposeBnReLU1d,
+    ConvTransposeBnReLU2d,
+    ConvTransposeBnReLU3d,
+)
 
 
 @hookimpl
@@ -29,6 +44,15 @@ def qatcore_register_modules(registry: Registry) -> None:
         ConvBnReLU1d,
         ConvBnReLU2d,
         ConvBnReLU3d,
+        ConvTransposeReLU1d,
+        ConvTransposeReLU2d,
+        ConvTransposeReLU3d,
+        ConvTransposeBn1d,
+        ConvTransposeBn2d,
+        ConvTransposeBn3d,
+        ConvTransposeBnReLU1d,
+        ConvTransposeBnReLU2d,
+        ConvTransposeBnReLU3d,
     )
     for fused_type in fused_types:
         registry.register_fusion(fused_type.float_types, fused_type)

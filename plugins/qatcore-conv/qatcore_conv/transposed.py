@@ -1,7 +1,8 @@
-"""QAT transposed convolutions: one mixin, and ConvTranspose1d/2d/3d declared over it."""
+"""QAT transposed convolutions: the shared mixin, and plain and ReLU-fused ConvTranspose1d/2d/3d."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -19,7 +20,15 @@ from qatcore import (
     qualified_name,
 )
 
-__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "QATConvTransposeNd"]
+__all__ = [
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "ConvTransposeReLU1d",
+    "ConvTransposeReLU2d",
+    "ConvTransposeReLU3d",
+    "QATConvTransposeNd",
+]
 
 # A ConvTranspose weight has shape (in_channels, out_channels // groups, *kernel_size):
 # its output channels lie along axis 1.
@@ -32,13 +41,21 @@ class QATConvTransposeNd(QATModule):
 
     A concrete class combines this mixin with a ``torch.nn`` transposed conv
     class and declares ``float_types`` and ``conv_transpose``, the functional
-    form of the convolution::
+    form of the convolution. For a fused transposed conv-activation it also
+    sets ``activation_type``, used when the class is built directly rather
+    than from float modules::
 
         class ConvTranspose2d(QATConvTransposeNd, nn.ConvTranspose2d):
             float_types = (nn.ConvTranspose2d,)
             conv_transpose = staticmethod(F.conv_transpose2d)
 
-    The forward is ``output_fq(conv_transpose(x, weight_fq(weight), bias))``
+        class ConvTransposeReLU2d(QATConvTransposeNd, nn.ConvTranspose2d):
+            float_types = (nn.ConvTranspose2d, nn.ReLU)
+            conv_transpose = staticmethod(F.conv_transpose2d)
+            activation_type = nn.ReLU
+
+    The forward is
+    ``output_fq(activation(conv_transpose(x, weight_fq(weight), bias)))``
     with the ``output_size`` argument of the float module. The weight has
     shape ``(in_channels, out_channels // groups, *kernel_size)``, so a
     per-channel weight spec must use ``axis=1`` and gets ``out_channels``
@@ -47,6 +64,7 @@ class QATConvTransposeNd(QATModule):
     """
 
     conv_transpose: ClassVar[Callable[..., torch.Tensor]]
+    activation_type: ClassVar[type[nn.Module] | None] = None
 
     # Set by the nn.ConvTranspose base class.
     weight: nn.Parameter
@@ -71,6 +89,7 @@ class QATConvTransposeNd(QATModule):
             SwapError: ``qconfig`` cannot be applied to this module.
         """
         super().__init__(*args, **kwargs)
+        self.activation = self.activation_type() if self.activation_type is not None else None
         self.weight_fake_quant = None
         self.output_fake_quant = None
         self.qconfig = None
@@ -81,10 +100,13 @@ class QATConvTransposeNd(QATModule):
     def from_float(
         cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
     ) -> QATConvTransposeNd:
-        """Build the QAT transposed conv from a float one, sharing its parameters.
+        """Build the QAT transposed conv from a float one, or from the tuple of fused modules.
+
+        The QAT module shares the float modules' parameters and takes over
+        the modules that follow the transposed conv.
 
         Raises:
-            SwapError: ``module`` is not exactly the float type of this class,
+            SwapError: ``module`` does not match ``float_types`` exactly,
                 ``qconfig`` is not a QConfig, the weight is computed by a
                 hook, or a per-channel spec uses an axis other than 1; the
                 message names ``name``.
@@ -110,9 +132,15 @@ class QATConvTransposeNd(QATModule):
         )
         qat.weight = conv.weight
         qat.bias = conv.bias
+        qat._adopt_members(modules[1:], where)
         qat.train(conv.training)
         qat._init_fake_quants(qconfig, where)
         return qat
+
+    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
+        """Take over the float modules that follow the transposed conv in a fused group."""
+        if members:
+            self.activation = members[-1]
 
     def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:
         weight_spec = qconfig.weight
@@ -159,11 +187,15 @@ class QATConvTransposeNd(QATModule):
         observer, as :meth:`forward` does. Without a weight fake quantizer
         the weight itself is returned.
         """
+        return self._fake_quantized_weight(self.weight)
+
+    def _fake_quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``weight``, a tensor of the weight's shape, per output channel."""
         fake_quant = self.weight_fake_quant
         if fake_quant is None:
-            return self.weight
+            return weight
         if self.groups == 1 or not fake_quant.spec.per_channel:
-            return fake_quant(self.weight)
+            return fake_quant(weight)
 
         # With groups > 1 the weight (in, out // groups, *k) stacks one block of
         # in // groups rows per group. Output channel g * (out // groups) + j is
@@ -175,15 +207,41 @@ class QATConvTransposeNd(QATModule):
         groups = self.groups
         rows = self.in_channels // groups
         columns = self.out_channels // groups
-        kernel = tuple(self.weight.shape[2:])
-        blocks = self.weight.reshape(groups, rows, columns, *kernel)
+        kernel = tuple(weight.shape[2:])
+        blocks = weight.reshape(groups, rows, columns, *kernel)
         by_channel = blocks.transpose(0, 1).reshape(rows, self.out_channels, *kernel)
         quantized = fake_quant(by_channel)
         blocks = quantized.reshape(rows, groups, columns, *kernel).transpose(0, 1)
-        return blocks.reshape(self.weight.shape)
+        return blocks.reshape(weight.shape)
+
+    def _conv_transpose_forward(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        output_padding: list[int] | tuple[int, ...],
+    ) -> torch.Tensor:
+        """Run the transposed conv of this module's configuration with ``weight`` and ``bias``."""
+        return self.conv_transpose(
+            input,
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
+
+    def _transposed_output(self, input: torch.Tensor, output_padding: list[int]) -> torch.Tensor:
+        """Return the output before the activation and the output fake quantizer."""
+        weight = self._fake_quantized_weight(self.weight)
+        return self._conv_transpose_forward(input, weight, self.bias, output_padding)
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         """Run the transposed conv with the fake-quantized weight, then fake-quantize the output.
+
+        A fused activation runs before the output fake quantizer.
 
         Args:
             input: Batched or unbatched input.
@@ -205,16 +263,10 @@ class QATConvTransposeNd(QATModule):
             spatial_dims,
             list(self.dilation),
         )
-        output = self.conv_transpose(
-            input,
-            self.fake_quantized_weight(),
-            self.bias,
-            self.stride,
-            self.padding,
-            output_padding,
-            self.groups,
-            self.dilation,
-        )
+        output = self._transposed_output(input, output_padding)
+        if self.activation is not None:
+            output = self.activation(output)
+
         if self.output_fake_quant is None:
             return output
         if output.dim() == spatial_dims + 1 and self.output_fake_quant.spec.per_channel:
@@ -223,7 +275,15 @@ class QATConvTransposeNd(QATModule):
         return self.output_fake_quant(output)
 
     def to_float(self) -> nn.Module:
-        """Return the float transposed conv with copies of the parameters."""
+        """Return the float transposed conv (and activation) with copies of the parameters."""
+        bias = copy_parameter(self.bias) if self.bias is not None else None
+        conv = self._float_conv_transpose(copy_parameter(self.weight), bias)
+        if self.activation is None:
+            return conv
+        return nn.Sequential(conv, copy.deepcopy(self.activation)).train(self.training)
+
+    def _float_conv_transpose(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+        """Build the float transposed conv of this module's configuration around the parameters."""
         conv = self.float_types[0](
             self.in_channels,
             self.out_channels,
@@ -232,16 +292,15 @@ class QATConvTransposeNd(QATModule):
             padding=self.padding,
             output_padding=self.output_padding,
             groups=self.groups,
-            bias=self.bias is not None,
+            bias=bias is not None,
             dilation=self.dilation,
             padding_mode=self.padding_mode,
             device="meta",
             dtype=self.weight.dtype,
         )
-        conv.weight = copy_parameter(self.weight)
-        conv.bias = copy_parameter(self.bias) if self.bias is not None else None
-        conv.train(self.training)
-        return conv
+        conv.weight = weight
+        conv.bias = bias
+        return conv.train(self.training)
 
 
 class ConvTranspose1d(QATConvTransposeNd, nn.ConvTranspose1d):
@@ -263,3 +322,27 @@ class ConvTranspose3d(QATConvTransposeNd, nn.ConvTranspose3d):
 
     float_types = (nn.ConvTranspose3d,)
     conv_transpose = staticmethod(F.conv_transpose3d)
+
+
+class ConvTransposeReLU1d(QATConvTransposeNd, nn.ConvTranspose1d):
+    """QAT ``nn.ConvTranspose1d`` followed by ``nn.ReLU``, fake-quantizing the ReLU output."""
+
+    float_types = (nn.ConvTranspose1d, nn.ReLU)
+    conv_transpose = staticmethod(F.conv_transpose1d)
+    activation_type = nn.ReLU
+
+
+class ConvTransposeReLU2d(QATConvTransposeNd, nn.ConvTranspose2d):
+    """QAT ``nn.ConvTranspose2d`` followed by ``nn.ReLU``, fake-quantizing the ReLU output."""
+
+    float_types = (nn.ConvTranspose2d, nn.ReLU)
+    conv_transpose = staticmethod(F.conv_transpose2d)
+    activation_type = nn.ReLU
+
+
+class ConvTransposeReLU3d(QATConvTransposeNd, nn.ConvTranspose3d):
+    """QAT ``nn.ConvTranspose3d`` followed by ``nn.ReLU``, fake-quantizing the ReLU output."""
+
+    float_types = (nn.ConvTranspose3d, nn.ReLU)
+    conv_transpose = staticmethod(F.conv_transpose3d)
+    activation_type = nn.ReLU
