@@ -37,7 +37,9 @@ class BatchNormFolding(abc.ABC):
 
     Call :meth:`freeze_bn_stats` to stop updating the BN running statistics
     and use them instead of the batch statistics: the layer then computes
-    ``layer -> BN(eval)`` even in training mode.
+    ``layer -> BN(eval)`` even in training mode. Only that call freezes
+    them. An adopted BN keeps the mode it had in the float model until the
+    next ``train()`` or ``eval()`` call sets it, as for any child module.
     """
 
     bn: _BatchNorm
@@ -67,25 +69,33 @@ class BatchNormFolding(abc.ABC):
         shape[0] = -1
         return weight * factor.reshape(shape)
 
+    @classmethod
+    def fusion_problem(cls, modules: tuple[nn.Module, ...]) -> str:
+        """Return why the layer ``modules[0]`` and its BatchNorm ``modules[1]`` cannot fold.
+
+        Returns ``""`` when they can. They cannot when the BatchNorm keeps
+        no running statistics, or normalizes a number of features other
+        than the layer's output channels (its ``out_channels``, or
+        ``out_features`` for a linear layer).
+        """
+        bn = modules[1]
+        if not isinstance(bn, _BatchNorm):
+            return f"its second module is a {type(bn).__name__}, not a BatchNorm"
+        return _bn_problem(bn, _output_channels(modules[0]))
+
     def _adopt_bn(self, bn: _BatchNorm, channels: int, where: str) -> None:
-        """Take over ``bn``, the float BatchNorm that follows the layer.
+        """Take over ``bn``, the float BatchNorm that follows the layer, keeping its mode.
 
         Raises:
             SwapError: ``bn`` keeps no running statistics, or normalizes a
                 number of features other than ``channels``.
         """
-        if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None:
-            raise SwapError(
-                f"{where}: its {type(bn).__name__} has track_running_stats=False, so there "
-                "are no running statistics to fold; keep it unfused with fuse=False"
-            )
-        if bn.num_features != channels:
-            raise SwapError(
-                f"{where}: its {type(bn).__name__} has {bn.num_features} features but the "
-                f"layer has {channels} output channels"
-            )
+        problem = _bn_problem(bn, channels)
+        if problem:
+            raise SwapError(f"{where}: {problem}; keep it unfused with fuse=False")
+
         self.bn = bn
-        self.freeze_bn = not bn.training
+        self.freeze_bn = False
 
     def train(self, mode: bool = True) -> BatchNormFolding:
         """Set training mode; frozen BN statistics stay frozen."""
@@ -163,6 +173,37 @@ class BatchNormFolding(abc.ABC):
             nn.Parameter(weight.to(self.weight.dtype), requires_grad=requires_grad),
             nn.Parameter(folded_bias.to(self.weight.dtype), requires_grad=requires_grad),
         )
+
+
+def _bn_problem(bn: _BatchNorm, channels: int) -> str:
+    """Return why ``bn`` cannot be folded into a layer with ``channels`` outputs, or ``""``."""
+    if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None:
+        return (
+            f"its {type(bn).__name__} has track_running_stats=False, so there are no "
+            "running statistics to fold"
+        )
+    if bn.num_features != channels:
+        return (
+            f"its {type(bn).__name__} has {bn.num_features} features but the layer has "
+            f"{channels} output channels"
+        )
+    return ""
+
+
+def _output_channels(layer: nn.Module) -> int:
+    """Return the output channels of a float conv, transposed conv or linear layer.
+
+    Raises:
+        TypeError: ``layer`` has neither ``out_channels`` nor ``out_features``.
+    """
+    for attribute in ("out_channels", "out_features"):
+        channels = getattr(layer, attribute, None)
+        if isinstance(channels, int):
+            return channels
+    raise TypeError(
+        f"{type(layer).__name__} has neither out_channels nor out_features; a "
+        "BatchNormFolding class for it must override fusion_problem"
+    )
 
 
 def _along_channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

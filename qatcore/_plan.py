@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from qatcore._config import QConfig
 from qatcore._fake_quantize import FakeQuantize
-from qatcore._graph_fusion import TraceFailure, traced_fusions
+from qatcore._graph_fusion import TracedModel, TraceFailure
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, SwapError
 from qatcore._registry import Registry, describe_key, install_hint
@@ -140,13 +140,14 @@ class Plan(Sequence[PlanEntry]):
         return f"{swapped} swapped, {fused} fused {groups}, {kept} kept float"
 
     def table(self) -> str:
-        """Return the plan as an aligned text table."""
+        """Return the plan as an aligned text table; a fused group lists all its members."""
         rows = [("module", "action", "float type", "becomes / reason")]
         for entry in self._entries:
             outcome = describe_key(entry.qat_type) if entry.qat_type is not None else ""
             if entry.reason:
                 outcome = f"{outcome} ({entry.reason})" if outcome else entry.reason
-            rows.append((entry.name or "<root>", entry.action, entry.float_type, outcome))
+            names = " + ".join(entry.members) if entry.members else entry.name or "<root>"
+            rows.append((names, entry.action, entry.float_type, outcome))
         widths = [max(len(row[column]) for row in rows) for column in range(3)]
         lines = [
             "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
@@ -163,10 +164,13 @@ class Plan(Sequence[PlanEntry]):
 class _QConfigResolver:
     def __init__(self, qconfig: QConfigLike) -> None:
         self.global_qconfig: QConfig | None = None
+        # Whether the global qconfig was given, rather than left at None.
+        self.has_global = False
         self.by_name: dict[str, QConfig | None] = {}
         self.by_type: dict[type, QConfig | None] = {}
         if qconfig is None or isinstance(qconfig, QConfig):
             self.global_qconfig = qconfig
+            self.has_global = True
             return
         if not isinstance(qconfig, Mapping):
             raise TypeError(
@@ -180,6 +184,7 @@ class _QConfigResolver:
                 )
             if key == "":
                 self.global_qconfig = value
+                self.has_global = True
             elif isinstance(key, str):
                 self.by_name[key] = value
             elif isinstance(key, type) and issubclass(key, nn.Module):
@@ -203,6 +208,14 @@ class _QConfigResolver:
             return self.by_type[type(module)]
         return self.global_qconfig
 
+    def configured(self, name: str, module: nn.Module) -> bool:
+        """Return whether a key of the mapping, or the global qconfig, applies to the module."""
+        return (
+            self.has_global
+            or type(module) in self.by_type
+            or any(name == prefix or name.startswith(prefix + ".") for prefix in self.by_name)
+        )
+
     def check_names(self, names: set[str]) -> None:
         for prefix in self.by_name:
             if not any(name == prefix or name.startswith(prefix + ".") for name in names):
@@ -216,14 +229,23 @@ def join_name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def named_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return every ``(name, child)`` of ``module``, a child registered twice under both names."""
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
 def iter_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    # Depth-first in model order without recursion, so that very deep
-    # models do not hit Python's recursion limit.
+    """Yield ``(qualified name, module)`` depth-first in model order, under every name.
+
+    A module registered under several names is yielded under each of them,
+    where ``model.named_modules()`` yields it once.
+    """
+    # Iterative, so that very deep models do not hit Python's recursion limit.
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, module = stack.pop()
         yield name, module
-        children = list(module.named_children())
+        children = named_children(module)
         stack.extend((join_name(name, child), sub) for child, sub in reversed(children))
 
 
@@ -272,14 +294,20 @@ class _Planner:
         self.plan_notes: list[str] = []
         # Later members of explicit groups: planned with their group's first member.
         self.grouped: set[str] = set()
+        # Every name of each module, in model order; more than one for a shared module.
+        self.names: dict[int, list[str]] = {}
+        self._traced: TracedModel | TraceFailure | None = None
 
     def run(self) -> Plan:
-        order = {name: index for index, (name, _) in enumerate(iter_named_modules(self.model))}
+        order = {}
+        for index, (name, module) in enumerate(iter_named_modules(self.model)):
+            order[name] = index
+            self.names.setdefault(id(module), []).append(name)
         self.resolve.check_names(set(order))
         for group in self.explicit_groups:
             self._plan_explicit_group(group, order)
         if self.auto_fuse and self.registry.fusions:
-            self._plan_traced_groups(order)
+            self._plan_traced_groups()
 
         stack: list[tuple[str, nn.Module]] = [("", self.model)]
         while stack:
@@ -290,29 +318,58 @@ class _Planner:
         self.entries.sort(key=lambda entry: order[entry.name])
         return Plan(self.entries, self.plan_notes)
 
-    def _plan_traced_groups(self, order: dict[str, int]) -> None:
+    def _trace(self) -> TracedModel | TraceFailure:
+        """Trace the model once; return the traced model, or why tracing failed."""
+        if self._traced is None:
+            try:
+                self._traced = TracedModel(self.model)
+            except TraceFailure as error:
+                self._traced = error
+        return self._traced
+
+    def _plan_traced_groups(self) -> None:
         """Fuse the chains that the traced forward calls, or fall back to containers."""
-        try:
-            groups, blocked = traced_fusions(self.model, self.registry.fusions)
-        except TraceFailure as error:
+        traced = self._trace()
+        if isinstance(traced, TraceFailure):
             self.plan_notes.append(
-                f"torch.fx could not trace the model ({error}); fusion looked only at "
+                f"torch.fx could not trace the model ({traced}); fusion looked only at "
                 "consecutive children of nn.Sequential containers"
             )
             return
         self.auto_fuse = False  # the graph covers nn.Sequential children too
-        self.notes.update(blocked)
+        groups, blocked = traced.fusions(self.registry.fusions)
+        for name, reason in blocked.items():
+            if name not in self.grouped:
+                self.notes.setdefault(name, reason)
         for group in groups:
+            if self.grouped.intersection(group):
+                continue  # an explicit group took a member already
             members = [(name, self.model.get_submodule(name)) for name in group]
             first_name, first = members[0]
             qconfig = self.resolve(first_name, first)
             if qconfig is None:
                 continue
-            problem = _hooks_blocking_fusion(members) or self._qconfigs_blocking_fusion(members)
+            problem = self._fusion_problem(members)
             if problem:
                 self._note_unfused(group, problem)
                 continue
             self._add_fused(group, members, qconfig)
+
+    def _fusion_problem(self, members: list[tuple[str, nn.Module]]) -> str:
+        """Return why ``members``, matching a registered pattern, cannot fuse, or ``""``."""
+        for name, module in members:
+            others = [other for other in self.names[id(module)] if other != name]
+            if others:
+                return (
+                    f"{name} is also registered as {others[0]}, and a fused module can take "
+                    "only one place"
+                )
+        fused_type = self.registry.fusions[tuple(type(module) for _, module in members)]
+        return (
+            _hooks_blocking_fusion(members)
+            or self._qconfigs_blocking_fusion(members)
+            or fused_type.fusion_problem(tuple(module for _, module in members))
+        )
 
     def _note_unfused(self, group: Sequence[str], problem: str) -> None:
         """Record on each member of ``group`` why the group was not fused."""
@@ -327,6 +384,10 @@ class _Planner:
                 "swap the float model, or call qatcore.to_float first"
             )
         if name in self.grouped:
+            return []
+        first_name = self.names[id(module)][0]
+        if first_name != name:
+            self._plan_alias(name, first_name, module)
             return []
         qconfig = self.resolve(name, module)
         float_type = type(module).__name__
@@ -351,7 +412,7 @@ class _Planner:
             self.entries.append(PlanEntry(name, KEEP, float_type, reason=reason))
             return []
 
-        children = [(join_name(name, child), sub) for child, sub in module.named_children()]
+        children = [(join_name(name, child), sub) for child, sub in named_children(module)]
         if not children:
             if qconfig is None:
                 entry = PlanEntry(name, KEEP, float_type, reason="the qconfig maps it to None")
@@ -374,6 +435,14 @@ class _Planner:
             return self._plan_fusions(children)
         return children
 
+    def _plan_alias(self, name: str, first_name: str, module: nn.Module) -> None:
+        """Plan a second name of a module: it gets whatever the first name gets."""
+        if next(module.children(), None) is not None:
+            return  # a shared container: its modules are planned under the first name
+        first = next(entry for entry in self.entries if entry.name == first_name)
+        reason = f"the same module as {first_name}, so it is planned with it"
+        self.entries.append(attrs.evolve(first, name=name, reason=reason))
+
     def _plan_explicit_group(self, group: tuple[str, ...], order: dict[str, int]) -> None:
         """Plan one group of names that the caller asked to fuse, or raise why it cannot be."""
         described = "(" + ", ".join(repr(name) for name in group) + ")"
@@ -392,12 +461,19 @@ class _Planner:
         first_name, first = members[0]
         qconfig = self.resolve(first_name, first)
         problem = (
-            ("the qconfig maps its first member to None" if qconfig is None else "")
-            or _hooks_blocking_fusion(members)
-            or self._qconfigs_blocking_fusion(members)
-        )
+            "the qconfig maps its first member to None" if qconfig is None else ""
+        ) or self._fusion_problem(members)
+        traced = self._trace()
+        if not problem and isinstance(traced, TracedModel):
+            problem = traced.chain_problem(group)
         if problem:
             raise SwapError(f"fuse group {described} cannot be fused: {problem}")
+        if isinstance(traced, TraceFailure):
+            self.plan_notes.append(
+                f"torch.fx could not trace the model ({traced}), so the fuse group "
+                f"{described} is not checked against the forward; the forward must call its "
+                "members back to back on one tensor"
+            )
         assert qconfig is not None  # checked just above
         self._add_fused(group, members, qconfig)
 
@@ -448,7 +524,7 @@ class _Planner:
                 continue
             if not all(type(module) is kind for (_, module), kind in zip(window, pattern)):
                 continue
-            problem = _hooks_blocking_fusion(window) or self._qconfigs_blocking_fusion(window)
+            problem = self._fusion_problem(window)
             if problem:
                 self._note_unfused([name for name, _ in window], problem)
                 continue
@@ -456,13 +532,19 @@ class _Planner:
         return None
 
     def _qconfigs_blocking_fusion(self, window: list[tuple[str, nn.Module]]) -> str:
-        # A fused module has one qconfig, the first member's; a later member
+        # A fused module has one qconfig, the first member's. A later member
+        # that no key configures follows it, as with {nn.Conv2d: qconfig}; one
         # configured otherwise (None included) keeps the group apart.
         first_name, first = window[0]
         qconfig = self.resolve(first_name, first)
         for name, module in window[1:]:
-            if self.resolve(name, module) != qconfig:
-                return f"{name} has a qconfig of its own"
+            if not self.resolve.configured(name, module):
+                continue
+            own = self.resolve(name, module)
+            if own is None:
+                return f"the qconfig maps {name} to None, while {first_name} is quantized"
+            if own != qconfig:
+                return f"{name} has a qconfig other than {first_name}'s"
         return ""
 
     def _check_qconfig(self, name: str, module: nn.Module, qconfig: QConfig) -> None:

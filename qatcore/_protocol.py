@@ -34,7 +34,9 @@ class QATModule(abc.ABC):
     the tuple of float modules in call order) with :meth:`from_float`. It
     shares the float module's parameters rather than copying them,
     fake-quantizes its weight before use and its output after use, and
-    builds an equivalent float module with :meth:`to_float`.
+    builds an equivalent float module with :meth:`to_float`. A fused type
+    rejects a group of float modules that it cannot fuse with
+    :meth:`fusion_problem`, before any of them is swapped.
 
     Attributes:
         float_types: The float module types this class replaces, in call
@@ -62,6 +64,18 @@ class QATModule(abc.ABC):
         Raises:
             SwapError: The module's configuration cannot be quantized as asked.
         """
+
+    @classmethod
+    def fusion_problem(cls, modules: tuple[nn.Module, ...]) -> str:
+        """Return why ``modules`` cannot be fused into this type, or ``""`` when they can.
+
+        The planner calls this before it plans a fusion, so that a group which
+        ``from_float`` would reject stays unfused instead. ``modules`` are the
+        float modules in call order, their types already checked against
+        ``float_types``. The reason is a short phrase without the module's
+        qualified name, which the caller adds. The default accepts every group.
+        """
+        return ""
 
     @abc.abstractmethod
     def to_float(self) -> nn.Module:
@@ -123,18 +137,6 @@ def check_float_modules(
     return modules, where
 
 
-def _channels_along(spec: QuantSpec, shape: torch.Size, what: str, where: str) -> int | None:
-    if spec.axis is None:
-        return None
-    if spec.axis >= len(shape):
-        raise SwapError(
-            f"{where}: the {what} spec quantizes per channel along axis {spec.axis}, but the "
-            f"{what} has shape {tuple(shape)} with axes 0 to {len(shape) - 1}; set "
-            f"QuantSpec(axis=...) to one of them"
-        )
-    return int(shape[spec.axis])
-
-
 def build_fake_quant(
     spec: QuantSpec | None, channels: int | None, what: str, where: str
 ) -> FakeQuantize | None:
@@ -169,8 +171,9 @@ class QATConvNd(QATModule):
             activation_type = nn.ReLU
 
     The forward is ``output_fq(activation(conv(x, weight_fq(weight), bias)))``
-    with every padding mode of the float conv. Per-channel weight specs use
-    ``axis=0`` (output channels); per-channel output specs use ``axis=1``.
+    with every padding mode of the float conv. Per-channel weight specs must
+    use ``axis=0`` (output channels), the axis that int8 engines quantize a
+    conv weight along; per-channel output specs must use ``axis=1``.
     :data:`~qatcore.OUTPUT_CHANNELS` resolves to these axes.
     """
 
@@ -199,16 +202,27 @@ class QATConvNd(QATModule):
     def from_float(
         cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
     ) -> QATConvNd:
-        """Build the QAT conv from a float conv, or from a (conv, activation) tuple."""
+        """Build the QAT conv from a float conv, or from a (conv, activation) tuple.
+
+        The QAT conv and its fake quantizers take the float conv's training
+        mode. The modules after the conv keep their own mode until the next
+        ``train()`` or ``eval()`` call, as they would in the float model.
+
+        Raises:
+            SwapError: ``module`` does not match ``float_types`` exactly,
+                ``qconfig`` is not a QConfig, the weight is computed by a
+                hook, or a per-channel spec uses an axis other than 0 for the
+                weight or 1 for the output. The message names ``name``.
+        """
         modules, where = check_float_modules(cls, module, qconfig, name)
         conv = modules[0]
 
         qat = cls._from_conv_arguments(conv)
         qat.weight = conv.weight
         qat.bias = conv.bias
-        qat._adopt_members(modules[1:], where)
-        qat.train(conv.training)
         qat._init_fake_quants(qconfig, where)
+        qat.train(conv.training)
+        qat._adopt_members(modules[1:], where)
         return qat
 
     @classmethod
@@ -233,8 +247,17 @@ class QATConvNd(QATModule):
         self.qconfig = qconfig
         weight_spec = None if qconfig.weight is None else qconfig.weight.resolve_axis(0)
         weight_channels = None
-        if weight_spec is not None:
-            weight_channels = _channels_along(weight_spec, self.weight.shape, "weight", where)
+        if weight_spec is not None and weight_spec.axis is not None:
+            if weight_spec.axis != 0:
+                raise SwapError(
+                    f"{where}: the weight spec quantizes per channel along axis "
+                    f"{weight_spec.axis}, but a conv weight takes one scale per output "
+                    f"channel, along axis 0 of its shape {tuple(self.weight.shape)} = "
+                    "(out_channels, in_channels // groups, *kernel_size); set "
+                    "QuantSpec(axis=qatcore.OUTPUT_CHANNELS) or axis=0, or axis=None for "
+                    "one scale per tensor"
+                )
+            weight_channels = self.out_channels
         self.weight_fake_quant = build_fake_quant(weight_spec, weight_channels, "weight", where)
 
         output_spec = None if qconfig.activation is None else qconfig.activation.resolve_axis(1)
@@ -243,7 +266,8 @@ class QATConvNd(QATModule):
             if output_spec.axis != 1:
                 raise SwapError(
                     f"{where}: per-channel output quantization of a conv needs axis=1 (the "
-                    f"output channels), got axis={output_spec.axis}"
+                    f"output channels), got axis={output_spec.axis}; set QuantSpec(axis=1) "
+                    "in QConfig.activation, or axis=None for one scale per tensor"
                 )
             output_channels = self.out_channels
         self.output_fake_quant = build_fake_quant(output_spec, output_channels, "output", where)

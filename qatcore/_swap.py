@@ -6,6 +6,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from qatcore._fake_quantize import FakeQuantize
@@ -146,11 +147,17 @@ def swap_modules(
     if not inplace:
         model = copy.deepcopy(model)
 
+    # A module registered under several names becomes one QAT module for all of them.
+    swapped: dict[int, nn.Module] = {}
     for entry in decisions:
         if entry.action == SWAP:
             assert entry.qat_type is not None and entry.qconfig is not None
             original = model.get_submodule(entry.name)
+            if id(original) in swapped:
+                _replace(model, entry.name, swapped[id(original)])
+                continue
             qat = entry.qat_type.from_float(original, entry.qconfig, name=entry.name)
+            swapped[id(original)] = qat
             _move_hooks(original, qat, PRE_HOOKS + POST_HOOKS + OTHER_HOOKS)
             if entry.name == "":
                 return qat
@@ -212,8 +219,15 @@ def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             qat_modules.append((name, module))
         elif isinstance(module, FusedAway):
             placeholders.setdefault(module.fused_into, {})[module.position] = name
+    # One float module for each QAT module, whatever number of names it has.
+    converted: dict[int, nn.Module] = {}
     for name, module in qat_modules:
+        if id(module) in converted:
+            _replace(model, name, converted[id(module)])
+            continue
         replacements = _float_replacements(name, module, placeholders)
+        _keep_parameter_ties(module, replacements[0][1])
+        converted[id(module)] = replacements[0][1] if len(replacements) == 1 else module
         for index, (target, float_module) in enumerate(replacements):
             if index == 0:
                 _move_hooks(module, float_module, PRE_HOOKS + OTHER_HOOKS)
@@ -221,6 +235,28 @@ def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 _move_hooks(module, float_module, POST_HOOKS)
             _replace(model, target, float_module)
     return model
+
+
+def _keep_parameter_ties(module: nn.Module, float_module: nn.Module) -> None:
+    """Give ``float_module`` the QAT module's own weight and bias where it copied them unchanged.
+
+    A weight tied to another module's, such as a language model head tied to
+    its embedding, then stays tied in the float model. A weight that BN was
+    folded into has other values and stays a new Parameter.
+    """
+    if isinstance(float_module, nn.Sequential):
+        float_module = float_module[0]
+    for attribute in ("weight", "bias"):
+        own = getattr(module, attribute, None)
+        copied = getattr(float_module, attribute, None)
+        if (
+            isinstance(own, nn.Parameter)
+            and isinstance(copied, nn.Parameter)
+            and own.dtype == copied.dtype
+            and own.shape == copied.shape
+            and torch.equal(own, copied)
+        ):
+            setattr(float_module, attribute, own)
 
 
 def _fake_quants(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:

@@ -211,7 +211,7 @@ def test_plan_prints_fused_swapped_and_kept(capsys: pytest.CaptureFixture[str]) 
 
     output = capsys.readouterr().out
     assert code == 0
-    assert table_line(output, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d")
+    assert table_line(output, "0 + 1", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d")
     assert table_line(output, "2", "swap", "Conv2d", "qatcore_conv.modules.Conv2d")
     assert table_line(output, "3", "keep", "Flatten")
     assert table_line(output, "4", "swap", "Linear", "qatcore_linear.modules.Linear")
@@ -308,7 +308,7 @@ def test_console_script_plan(factory_folder: Path) -> None:
 
     assert completed.returncode == 0, completed.stderr
     assert table_line(
-        completed.stdout, "0", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d"
+        completed.stdout, "0 + 1", "fuse", "Conv2d + ReLU", "qatcore_conv.modules.ConvReLU2d"
     )
     assert factory_plan_summary() in completed.stdout
 

@@ -324,3 +324,251 @@ def test_freeze_bn_stats_reaches_fused_modules(x86: qatcore.QConfig) -> None:
     qatcore.freeze_bn_stats(qat, frozen=False)
     qat(torch.randn(2, 8, 6, 6) + 3)
     assert not torch.equal(qat.conv1.bn.running_mean, before)
+
+
+# -- what the traced forward allows ----------------------------------------------
+
+
+class SubclassedNorm(nn.BatchNorm2d):
+    """A user BatchNorm subclass: its forward branches on the input's rank."""
+
+
+class SubclassHead(nn.Module):
+    """A conv-BN-ReLU block, then a head whose BN is a user subclass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.head_conv = nn.Conv2d(4, 4, 1)
+        self.head_bn = SubclassedNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_bn(self.head_conv(self.act(self.bn(self.conv(x)))))
+
+
+def test_user_subclass_does_not_stop_tracing(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(SubclassHead(), x86)
+
+    assert _fused_groups(decisions) == {("conv", "bn", "act")}
+    assert decisions.notes == []
+
+
+class SubclassedReLU(nn.ReLU):
+    """A user ReLU subclass after a conv."""
+
+
+def test_subclass_member_blocks_fusion_with_reason(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(nn.Sequential(nn.Conv2d(3, 4, 3), SubclassedReLU()), x86)
+
+    why = (
+        f"not fused as 0 + 1: 1 is a {__name__}.SubclassedReLU, a subclass of torch.nn.ReLU, "
+        "and only exact types fuse; register a fusion pattern with the subclass to fuse it"
+    )
+    assert _fused_groups(decisions) == set()
+    assert _reasons(decisions)["0"] == why
+    assert _reasons(decisions)["1"].endswith(why)
+
+
+class KeywordCall(nn.Module):
+    """The ReLU takes the conv output as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(input=self.conv(x))
+
+
+def test_keyword_argument_call_fuses(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(KeywordCall(), x86)
+
+    assert _fused_groups(decisions) == {("conv", "act")}
+
+
+def test_bn_without_running_stats_stays_unfused(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+    )
+
+    decisions = qatcore.plan(model, x86)
+    qat = qatcore.swap_modules(model, x86)
+
+    assert _fused_groups(decisions) == {("3", "4")}
+    assert "track_running_stats=False" in _reasons(decisions)["0"]
+    assert _reasons(decisions)["0"].startswith("not fused as 0 + 1")
+    assert type(qat[0]).__name__ == "Conv2d"
+    assert type(qat[1]) is nn.BatchNorm2d
+
+
+def test_type_keyed_qconfig_fuses_unconfigured_members(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+
+    decisions = qatcore.plan(model, {nn.Conv2d: x86})
+
+    assert _fused_groups(decisions) == {("0", "1", "2")}
+    assert _reasons(decisions)["3"] == "the qconfig maps it to None"
+
+
+def test_member_mapped_to_none_blocks_fusion(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    decisions = qatcore.plan(model, {nn.Conv2d: x86, nn.BatchNorm2d: None})
+
+    assert _fused_groups(decisions) == set()
+    assert _reasons(decisions)["0"] == (
+        "not fused as 0 + 1: the qconfig maps 1 to None, while 0 is quantized"
+    )
+
+
+def test_table_lists_every_member_of_a_group(x86: qatcore.QConfig) -> None:
+    table = qatcore.plan(BasicBlock(), x86).table()
+
+    assert "conv1 + bn1 + relu  fuse" in table
+    assert "conv2 + bn2" in table
+
+
+# -- explicit groups ---------------------------------------------------------------
+
+
+class HeadAfterReLU(nn.Module):
+    """conv -> relu -> head: the pair (head, relu) is not a chain of the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.relu = nn.ReLU()
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.conv(x)))
+
+
+def test_explicit_group_must_be_a_chain(x86: qatcore.QConfig) -> None:
+    with pytest.raises(
+        qatcore.SwapError,
+        match=r"fuse group \('head', 'relu'\) cannot be fused: the forward does not pass "
+        r"the output of each member straight to the next \(head -> relu\)",
+    ):
+        qatcore.swap_modules(HeadAfterReLU(), x86, fuse=[("head", "relu")])
+
+
+def test_explicit_group_with_reused_output_raises(x86: qatcore.QConfig) -> None:
+    with pytest.raises(
+        qatcore.SwapError, match=r"cannot be fused: the output of conv also feeds add"
+    ):
+        qatcore.swap_modules(ReusedIntermediate(), x86, fuse=[("conv", "bn")])
+
+
+def test_explicit_group_in_untraceable_model_is_noted(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(DataDependent(), x86, fuse=[("conv", "act")])
+
+    assert _fused_groups(decisions) == {("conv", "act")}
+    assert len(decisions.notes) == 1
+    assert (
+        "the fuse group ('conv', 'act') is not checked against the forward" in (decisions.notes[0])
+    )
+
+
+# -- modules registered under two names ----------------------------------------------
+
+
+class SharedLayer(nn.Module):
+    """One Linear registered under two names of one parent, and called through both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = self.second = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_shared_module_gets_one_qat_module(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(SharedLayer(), x86)
+    qat = qatcore.swap_modules(SharedLayer(), x86)
+    float_model = qatcore.to_float(qat)
+
+    assert [(entry.name, entry.action) for entry in decisions] == [
+        ("first", "swap"),
+        ("second", "swap"),
+    ]
+    assert _reasons(decisions)["second"] == "the same module as first, so it is planned with it"
+    assert type(qat.second).__name__ == "Linear"
+    assert qat.second is qat.first
+    assert type(float_model.second) is nn.Linear
+    assert float_model.second is float_model.first
+
+
+def test_shared_module_across_parents(x86: qatcore.QConfig) -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared))
+
+    qat = qatcore.swap_modules(model, x86)
+    float_model = qatcore.to_float(qat)
+
+    assert qat[0][0] is qat[1][0]
+    assert float_model[0][0] is float_model[1][0]
+
+
+class TiedHead(nn.Module):
+    """A language-model head whose weight is the embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def test_to_float_keeps_weight_tied_to_embedding(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(TiedHead(), x86)
+
+    float_model = qatcore.to_float(qat)
+
+    assert qat.head.weight is qat.embed.weight
+    assert float_model.head.weight is float_model.embed.weight
+    assert float_model.head.weight is not qat.head.weight
+
+
+class AliasedActivation(nn.Module):
+    """A conv-ReLU pair whose ReLU is also registered under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.alias = self.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def test_shared_member_blocks_fusion(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(AliasedActivation(), x86)
+
+    assert _fused_groups(decisions) == set()
+    assert _reasons(decisions)["conv"] == (
+        "not fused as conv + act: act is also registered as alias, and a fused module can "
+        "take only one place"
+    )
+
+
+def test_shared_module_called_twice_is_not_fused(x86: qatcore.QConfig) -> None:
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), relu), nn.Sequential(relu))
+
+    decisions = qatcore.plan(model, x86)
+
+    assert _fused_groups(decisions) == set()
+    assert "the forward calls 0.1 2 times" in _reasons(decisions)["0.0"]

@@ -103,7 +103,10 @@ class QATConvTransposeNd(QATModule):
         """Build the QAT transposed conv from a float one, or from the tuple of fused modules.
 
         The QAT module shares the float modules' parameters and takes over
-        the modules that follow the transposed conv.
+        the modules that follow the transposed conv. It and its fake
+        quantizers take the float transposed conv's training mode. The
+        adopted modules keep their own mode until the next ``train()`` or
+        ``eval()`` call, as they would in the float model.
 
         Raises:
             SwapError: ``module`` does not match ``float_types`` exactly,
@@ -132,9 +135,9 @@ class QATConvTransposeNd(QATModule):
         )
         qat.weight = conv.weight
         qat.bias = conv.bias
-        qat._adopt_members(modules[1:], where)
-        qat.train(conv.training)
         qat._init_fake_quants(qconfig, where)
+        qat.train(conv.training)
+        qat._adopt_members(modules[1:], where)
         return qat
 
     def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
@@ -168,7 +171,9 @@ class QATConvTransposeNd(QATModule):
             if output_spec.axis != OUTPUT_CHANNEL_AXIS:
                 raise SwapError(
                     f"{where}: per-channel output quantization of a transposed conv needs "
-                    f"axis=1 (the output channels), got axis={output_spec.axis}"
+                    f"axis=1 (the output channels), got axis={output_spec.axis}; set "
+                    "QuantSpec(axis=1) in QConfig.activation, or axis=None for one scale "
+                    "per tensor"
                 )
             output_channels = self.out_channels
 

@@ -248,6 +248,39 @@ def test_bn_without_running_stats_raises() -> None:
         conv_bn.ConvBn2d.from_float((conv, bn), qatcore.QConfig(weight=WEIGHT_SPEC), name="block")
 
 
+NO_RUNNING_STATS = (
+    "its BatchNorm2d has track_running_stats=False, so there are no running statistics to fold"
+)
+FUSION_CASES = [
+    pytest.param(nn.BatchNorm2d(4), "", id="fusable"),
+    pytest.param(nn.BatchNorm2d(4, track_running_stats=False), NO_RUNNING_STATS, id="no-stats"),
+    pytest.param(
+        nn.BatchNorm2d(5),
+        "its BatchNorm2d has 5 features but the layer has 4 output channels",
+        id="features",
+    ),
+]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["conv-bn", "conv-bn-relu"])
+@pytest.mark.parametrize(("bn", "problem"), FUSION_CASES)
+def test_fusion_problem(relu: bool, bn: nn.Module, problem: str) -> None:
+    members = (nn.Conv2d(3, 4, 3), bn, nn.ReLU()) if relu else (nn.Conv2d(3, 4, 3), bn)
+
+    assert OURS[(2, relu)].fusion_problem(members) == problem
+
+
+@pytest.mark.parametrize(("bn", "problem"), [case for case in FUSION_CASES if case.values[1]])
+def test_from_float_raises_fusion_problem(bn: nn.Module, problem: str) -> None:
+    members = (nn.Conv2d(3, 4, 3), bn)
+    qconfig = qatcore.QConfig(weight=WEIGHT_SPEC)
+
+    with pytest.raises(qatcore.SwapError) as error:
+        conv_bn.ConvBn2d.from_float(members, qconfig, name="block")
+
+    assert str(error.value) == f"block (Conv2d): {problem}; keep it unfused with fuse=False"
+
+
 def test_unbatched_input_raises() -> None:
     qat = _ours(_float_members(2, relu=False), 2, relu=False)
 

@@ -291,7 +291,11 @@ def test_wrong_output_axis_raises_at_swap(dim: int) -> None:
     qconfig = qatcore.QConfig(activation=qatcore.QuantSpec(axis=0))
     model = nn.Sequential(FLOAT_TYPES[dim](3, 5, 2))
 
-    with pytest.raises(qatcore.SwapError, match=r"0 \(ConvTranspose\dd\): .*got axis=0"):
+    with pytest.raises(
+        qatcore.SwapError,
+        match=r"0 \(ConvTranspose\dd\): .*got axis=0; set QuantSpec\(axis=1\) in "
+        r"QConfig\.activation, or axis=None",
+    ):
         qatcore.swap_modules(model, qconfig)
 
 

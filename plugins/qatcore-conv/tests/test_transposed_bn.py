@@ -508,7 +508,10 @@ def test_from_float_adopts_members(dim: int, relu: bool) -> None:
     assert qat.bias is members[0].bias
     assert qat.bn is members[1]
     assert qat.activation is (members[2] if relu else None)
-    assert qat.freeze_bn
+    # The BN keeps the eval mode it had, but only freeze_bn_stats() freezes it.
+    assert qat.training
+    assert not qat.bn.training
+    assert not qat.freeze_bn
     for attribute in ("stride", "padding", "output_padding", "dilation", "groups"):
         assert getattr(qat, attribute) == getattr(members[0], attribute), attribute
 
@@ -587,12 +590,52 @@ def test_bn_with_wrong_features_raises() -> None:
         qatcore_conv.ConvTransposeBnReLU2d.from_float(members, QCONFIG, name="up")
 
 
-def test_swap_names_module_without_running_stats() -> None:
+def test_swap_keeps_bn_without_running_stats_unfused() -> None:
     block = nn.Sequential(nn.ConvTranspose1d(4, 4, 3), nn.BatchNorm1d(4, track_running_stats=False))
     model = nn.Sequential(nn.Sequential(block))
 
-    with pytest.raises(qatcore.SwapError, match=r"0\.0\.0 \(ConvTranspose1d\)"):
-        qatcore.swap_modules(model, QCONFIG)
+    decisions = {entry.name: entry for entry in qatcore.plan(model, QCONFIG)}
+    qat = qatcore.swap_modules(model, QCONFIG)
+
+    assert decisions["0.0.0"].action == "swap"
+    assert "track_running_stats=False" in decisions["0.0.0"].reason
+    assert decisions["0.0.1"].action == "keep"
+    assert type(qat[0][0][0]) is qatcore_conv.ConvTranspose1d
+    assert type(qat[0][0][1]) is nn.BatchNorm1d
+
+
+NO_RUNNING_STATS = (
+    "its BatchNorm2d has track_running_stats=False, so there are no running statistics to fold"
+)
+FUSION_CASES = [
+    pytest.param(nn.BatchNorm2d(6), "", id="fusable"),
+    pytest.param(nn.BatchNorm2d(6, track_running_stats=False), NO_RUNNING_STATS, id="no-stats"),
+    pytest.param(
+        nn.BatchNorm2d(4),
+        "its BatchNorm2d has 4 features but the layer has 6 output channels",
+        id="features",
+    ),
+]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+@pytest.mark.parametrize(("bn", "problem"), FUSION_CASES)
+def test_fusion_problem(relu: bool, bn: nn.Module, problem: str) -> None:
+    # 4 input and 6 output channels, so that a BN sized for the input is caught.
+    conv = nn.ConvTranspose2d(4, 6, 3, groups=2)
+    members = (conv, bn, nn.ReLU()) if relu else (conv, bn)
+
+    assert OURS[(2, relu)].fusion_problem(members) == problem
+
+
+@pytest.mark.parametrize(("bn", "problem"), [case for case in FUSION_CASES if case.values[1]])
+def test_from_float_raises_fusion_problem(bn: nn.Module, problem: str) -> None:
+    members = (nn.ConvTranspose2d(4, 6, 3), bn)
+
+    with pytest.raises(qatcore.SwapError) as error:
+        qatcore_conv.ConvTransposeBn2d.from_float(members, QCONFIG, name="up")
+
+    assert str(error.value) == f"up (ConvTranspose2d): {problem}; keep it unfused with fuse=False"
 
 
 @pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)

@@ -83,6 +83,9 @@ class QATLinearBase(QATModule, nn.Linear):
         """Build the QAT layer from an ``nn.Linear``, or a (linear, activation) tuple.
 
         The QAT layer shares the float layer's weight and bias Parameters.
+        It and its fake quantizers take the float layer's training mode. The
+        modules after the linear layer keep their own mode until the next
+        ``train()`` or ``eval()`` call, as they would in the float model.
 
         Raises:
             SwapError: The modules do not match ``float_types``, ``qconfig``
@@ -103,9 +106,9 @@ class QATLinearBase(QATModule, nn.Linear):
         )
         qat.weight = linear.weight
         qat.bias = linear.bias
-        qat._adopt_members(modules[1:], where)
-        qat.train(linear.training)
         qat._init_fake_quants(qconfig, where)
+        qat.train(linear.training)
+        qat._adopt_members(modules[1:], where)
         return qat
 
     def _init_fake_quants(self, qconfig: QConfig, where: str) -> None:

@@ -477,14 +477,30 @@ def test_non_2d_input_raises_with_fix(shape: tuple[int, ...]) -> None:
 
 
 def test_bn_without_running_stats_raises_with_name() -> None:
-    model = nn.Sequential(
-        nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False))
-    )
+    members = (nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False))
 
     with pytest.raises(
         qatcore.SwapError, match=r"0\.0 \(Linear\): its BatchNorm1d has track_running_stats=False"
     ):
-        qatcore.swap_modules(model, qatcore.QConfig(weight=WEIGHT_SPEC))
+        qatcore_linear.LinearBn1d.from_float(
+            members, qatcore.QConfig(weight=WEIGHT_SPEC), name="0.0"
+        )
+
+
+def test_swap_keeps_bn_without_running_stats_unfused() -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    )
+    qconfig = qatcore.QConfig(weight=WEIGHT_SPEC)
+
+    decisions = {entry.name: entry for entry in qatcore.plan(model, qconfig)}
+    qat = qatcore.swap_modules(model, qconfig)
+
+    assert decisions["0.0"].action == "swap"
+    assert "track_running_stats=False" in decisions["0.0"].reason
+    assert decisions["0.1"].action == "keep"
+    assert type(qat[0][0]) is qatcore_linear.Linear
+    assert type(qat[0][1]) is nn.BatchNorm1d
 
 
 def test_bn_features_mismatch_raises_with_name() -> None:
@@ -496,3 +512,40 @@ def test_bn_features_mismatch_raises_with_name() -> None:
         qatcore_linear.LinearBn1d.from_float(
             members, qatcore.QConfig(weight=WEIGHT_SPEC), name="head.fc"
         )
+
+
+NO_RUNNING_STATS = (
+    "its BatchNorm1d has track_running_stats=False, so there are no running statistics to fold"
+)
+FUSION_CASES = [
+    pytest.param(nn.BatchNorm1d(OUT_FEATURES), "", id="fusable"),
+    pytest.param(
+        nn.BatchNorm1d(OUT_FEATURES, track_running_stats=False), NO_RUNNING_STATS, id="no-stats"
+    ),
+    pytest.param(
+        nn.BatchNorm1d(IN_FEATURES),
+        "its BatchNorm1d has 6 features but the layer has 4 output channels",
+        id="features",
+    ),
+]
+
+
+@pytest.mark.parametrize("relu", RELU)
+@pytest.mark.parametrize(("bn", "problem"), FUSION_CASES)
+def test_fusion_problem(relu: bool, bn: nn.Module, problem: str) -> None:
+    linear = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    members = (linear, bn, nn.ReLU()) if relu else (linear, bn)
+    fused_type = qatcore_linear.LinearBnReLU1d if relu else qatcore_linear.LinearBn1d
+
+    assert fused_type.fusion_problem(members) == problem
+
+
+@pytest.mark.parametrize(("bn", "problem"), [case for case in FUSION_CASES if case.values[1]])
+def test_from_float_raises_fusion_problem(bn: nn.Module, problem: str) -> None:
+    members = (nn.Linear(IN_FEATURES, OUT_FEATURES), bn)
+    qconfig = qatcore.QConfig(weight=WEIGHT_SPEC)
+
+    with pytest.raises(qatcore.SwapError) as error:
+        qatcore_linear.LinearBn1d.from_float(members, qconfig, name="head.fc")
+
+    assert str(error.value) == f"head.fc (Linear): {problem}; keep it unfused with fuse=False"
