@@ -108,11 +108,28 @@ def build_variants(seed: int) -> dict[str, nn.Module]:
             module.qconfig = tq.get_default_qat_qconfig("x86")
     tq.prepare_qat(ao_convs, inplace=True)
 
+    # BN folded into the convs by both libraries, on the groups qatcore's plan
+    # finds: qatcore's numerically stable fold runs a second, float conv per
+    # group in training, where torch.ao's default fold divides by gamma.
+    x86 = qatcore.get_qconfig("x86")
+    qatcore_fused = qatcore.swap_modules(copy.deepcopy(base), x86)
+    groups = [list(entry.members) for entry in qatcore.plan(base, x86) if entry.action == "fuse"]
+    ao_fused = tq.fuse_modules_qat(copy.deepcopy(base).train(), groups)
+    ao_fused.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(ao_fused, inplace=True)
+    ao_stable = copy.deepcopy(ao_fused)
+    for module in ao_stable.modules():
+        if hasattr(module, "_enable_slow_path_for_better_numerical_stability"):
+            module._enable_slow_path_for_better_numerical_stability = True
+
     return {
         "float": base,
         "qatcore": qatcore_model.train(),
         "torch.ao": ao_model.train(),
         "torch.ao convs": ao_convs.train(),
+        "qatcore BN folded": qatcore_fused.train(),
+        "torch.ao BN folded": ao_fused.train(),
+        "torch.ao BN folded, stable": ao_stable.train(),
     }
 
 
@@ -200,6 +217,10 @@ def bench_training_step(args: argparse.Namespace) -> None:
             ("torch.ao convs", "float"),
             ("qatcore", "torch.ao"),
             ("qatcore", "torch.ao convs"),
+            ("qatcore BN folded", "float"),
+            ("torch.ao BN folded", "float"),
+            ("qatcore BN folded", "torch.ao BN folded"),
+            ("qatcore BN folded", "torch.ao BN folded, stable"),
         ],
     )
 
