@@ -54,8 +54,6 @@ class TracedModel:
         self.calls = Counter(
             str(node.target) for node in self.graph.nodes if node.op == "call_module"
         )
-        # Names of the modules that matched a pattern before the chain broke.
-        self.partial: list[str] = []
 
     def fusions(self, patterns: Iterable[tuple[type[nn.Module], ...]]) -> TracedFusions:
         """Find the groups of modules that the forward calls back to back as a pattern.
@@ -74,14 +72,14 @@ class TracedModel:
             if node.op != "call_module" or str(node.target) in grouped:
                 continue
             for pattern in ordered:
-                chain, cause = self._match(node, pattern)
+                chain, apart = self._match(node, pattern)
                 if chain is not None and not grouped.intersection(chain):
                     groups.append(chain)
                     grouped.update(chain)
                     break
-                if cause:
-                    reason = f"not fused as {' + '.join(self.partial)}: {cause}"
-                    for name in self.partial:
+                for names, cause in apart:
+                    reason = f"not fused as {' + '.join(names)}: {cause}"
+                    for name in names:
                         blocked.setdefault(name, reason)
         unfused = {name: reason for name, reason in blocked.items() if name not in grouped}
         return TracedFusions(groups, unfused)
@@ -96,11 +94,12 @@ class TracedModel:
         ]
         if not starts:
             return f"the forward never calls {names[0]}"
-        chain, cause = self._match(starts[0], pattern)
+        chain, apart = self._match(starts[0], pattern, tuple(names))
         if chain == tuple(names):
             return ""
-        if cause:
-            return cause
+        for members, cause in apart:
+            if tuple(names[: len(members)]) == members:
+                return cause
         return (
             f"the forward does not pass the output of each member straight to the next "
             f"({' -> '.join(names)})"
@@ -112,57 +111,74 @@ class TracedModel:
         return self.model.get_submodule(str(node.target))
 
     def _match(
-        self, node: torch.fx.Node, pattern: tuple[type[nn.Module], ...]
-    ) -> tuple[tuple[str, ...] | None, str]:
-        """Return the chain of names matching ``pattern`` from ``node``, or the cause there is none.
+        self,
+        node: torch.fx.Node,
+        pattern: tuple[type[nn.Module], ...],
+        names: tuple[str, ...] | None = None,
+    ) -> tuple[tuple[str, ...] | None, list[tuple[tuple[str, ...], str]]]:
+        """Return the chain of names matching ``pattern`` from ``node``, else the chains kept apart.
 
-        The cause is empty when the types do not match. It is set when they
-        do, or match but for a subclass, and the model forbids fusing;
-        :attr:`partial` then names the modules that matched.
+        Without a chain, the second item lists each chain of matching types
+        (or types that match but for a subclass) that the model keeps from
+        fusing, with the cause; it is empty when the types do not match.
+        ``names``, when given, picks the member to follow where a module
+        feeds several modules of the next type.
         """
-        self.partial = []
         if type(self._module(node)) is not pattern[0]:
-            return None, ""
-        self.partial.append(str(node.target))
+            return None, []
+        chain = [str(node.target)]
         current = node
-        for kind in pattern[1:]:
+        for position, kind in enumerate(pattern[1:], start=1):
             following = [user for user in current.users if type(self._module(user)) is kind]
             if not following:
-                return None, self._subclass_cause(current, kind)
+                return None, self._subclass_apart(chain, current, kind)
+            if names is not None:
+                following = [
+                    user for user in following if str(user.target) == names[position]
+                ] or following
+            apart = []
+            for after in following:
+                others = [user for user in current.users if user is not after]
+                if others:
+                    described = ", ".join(_describe_user(user) for user in others)
+                    cause = f"the output of {current.target} also feeds {described}"
+                    apart.append(((*chain, str(after.target)), cause))
+            if apart:
+                return None, apart
             after = following[0]
-            self.partial.append(str(after.target))
+            chain.append(str(after.target))
             if [*after.args, *after.kwargs.values()] != [current]:
-                return None, (
+                cause = (
                     f"the call of {after.target} takes other arguments besides the output "
                     f"of {current.target}"
                 )
-            others = [user for user in current.users if user is not after]
-            if others:
-                described = ", ".join(_describe_user(user) for user in others)
-                return None, f"the output of {current.target} also feeds {described}"
+                return None, [(tuple(chain), cause)]
             current = after
 
-        for name in self.partial:
+        for name in chain:
             if self.calls[name] != 1:
-                return None, (
+                cause = (
                     f"the forward calls {name} {self.calls[name]} times, and one fused module "
                     "cannot stand for several calls"
                 )
-        return tuple(self.partial), ""
+                return None, [(tuple(chain), cause)]
+        return tuple(chain), []
 
-    def _subclass_cause(self, current: torch.fx.Node, kind: type[nn.Module]) -> str:
+    def _subclass_apart(
+        self, chain: list[str], current: torch.fx.Node, kind: type[nn.Module]
+    ) -> list[tuple[tuple[str, ...], str]]:
         # A following module whose type subclasses the pattern's type would
         # fuse if it were exact, so the plan reports it instead of skipping it.
         users = list(current.users)
         module = self._module(users[0]) if len(users) == 1 else None
         if module is None or not isinstance(module, kind):
-            return ""
-        self.partial.append(str(users[0].target))
-        return (
+            return []
+        cause = (
             f"{users[0].target} is a {describe_key(type(module))}, a subclass of "
             f"{describe_key(kind)}, and only exact types fuse; register a fusion pattern "
             "with the subclass to fuse it"
         )
+        return [((*chain, str(users[0].target)), cause)]
 
 
 def _describe_user(node: torch.fx.Node) -> str:

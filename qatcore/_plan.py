@@ -8,6 +8,7 @@ import attrs
 from torch import nn
 from torch.nn.utils import parametrize
 
+from qatcore._batchnorm import BatchNormFolding
 from qatcore._config import QConfig
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._graph_fusion import TracedModel, TraceFailure
@@ -65,15 +66,22 @@ class FusedAway(nn.Identity):
 
     Args:
         float_type_name: Class name of the module that was here.
-        fused_into: Qualified name of the fused QAT module that runs it now.
+        fused_into: Qualified name of the fused QAT module that runs it now,
+            relative to the model that was swapped.
         position: Its index among the fused module's members.
+        group: A token that the fused module carries too, so that
+            :func:`to_float` finds the placeholders of a fused module wherever
+            the model now sits, inside a larger model for example.
     """
 
-    def __init__(self, float_type_name: str = "", fused_into: str = "", position: int = 0) -> None:
+    def __init__(
+        self, float_type_name: str = "", fused_into: str = "", position: int = 0, group: str = ""
+    ) -> None:
         super().__init__()
         self.float_type_name = float_type_name
         self.fused_into = fused_into
         self.position = position
+        self.group = group
 
     def extra_repr(self) -> str:
         return f"was {self.float_type_name}, fused into {self.fused_into or '<root>'}"
@@ -115,11 +123,19 @@ class Plan(Sequence[PlanEntry]):
     Attributes:
         notes: Remarks on the plan as a whole, such as why fusion fell back
             to ``nn.Sequential`` containers.
+        unchecked_groups: Explicit fuse groups that could not be checked
+            against the forward, because torch.fx could not trace the model.
     """
 
-    def __init__(self, entries: list[PlanEntry], notes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        entries: list[PlanEntry],
+        notes: Sequence[str] = (),
+        unchecked_groups: Sequence[tuple[str, ...]] = (),
+    ) -> None:
         self._entries = entries
         self.notes = list(notes)
+        self.unchecked_groups = list(unchecked_groups)
 
     def __getitem__(self, index):  # type: ignore[no-untyped-def]
         return self._entries[index]
@@ -226,7 +242,10 @@ class _QConfigResolver:
 
 
 def join_name(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    """Return the qualified name of ``name`` inside ``prefix``; either may be empty."""
+    if not prefix or not name:
+        return prefix or name
+    return f"{prefix}.{name}"
 
 
 def named_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -247,6 +266,39 @@ def iter_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
         children = named_children(module)
         stack.extend((join_name(name, child), sub) for child, sub in reversed(children))
+
+
+def _registered_names(model: nn.Module) -> dict[int, list[str]]:
+    """Map each module's id to the qualified names it is registered under, in model order.
+
+    A module registered twice has two names. The modules inside a container
+    registered twice are listed under the container's first name only,
+    because one swap there changes them under both.
+    """
+    names: dict[int, list[str]] = {}
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        seen = id(module) in names
+        names.setdefault(id(module), []).append(name)
+        if not seen:
+            children = named_children(module)
+            stack.extend((join_name(name, child), sub) for child, sub in reversed(children))
+    return names
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Map each Parameter's id to the qualified names that hold it, several for a tied one."""
+    owners: dict[int, list[str]] = {}
+    seen: set[int] = set()
+    for module_name, module in iter_named_modules(model):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(join_name(module_name, name))
+    return owners
 
 
 def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
@@ -295,14 +347,13 @@ class _Planner:
         # Later members of explicit groups: planned with their group's first member.
         self.grouped: set[str] = set()
         # Every name of each module, in model order; more than one for a shared module.
-        self.names: dict[int, list[str]] = {}
+        self.names = _registered_names(model)
+        self.parameter_owners = _parameter_owners(model)
+        self.unchecked_groups: list[tuple[str, ...]] = []
         self._traced: TracedModel | TraceFailure | None = None
 
     def run(self) -> Plan:
-        order = {}
-        for index, (name, module) in enumerate(iter_named_modules(self.model)):
-            order[name] = index
-            self.names.setdefault(id(module), []).append(name)
+        order = {name: index for index, (name, _) in enumerate(iter_named_modules(self.model))}
         self.resolve.check_names(set(order))
         for group in self.explicit_groups:
             self._plan_explicit_group(group, order)
@@ -316,7 +367,7 @@ class _Planner:
             stack.extend(reversed(children))
 
         self.entries.sort(key=lambda entry: order[entry.name])
-        return Plan(self.entries, self.plan_notes)
+        return Plan(self.entries, self.plan_notes, self.unchecked_groups)
 
     def _trace(self) -> TracedModel | TraceFailure:
         """Trace the model once; return the traced model, or why tracing failed."""
@@ -368,8 +419,30 @@ class _Planner:
         return (
             _hooks_blocking_fusion(members)
             or self._qconfigs_blocking_fusion(members)
+            or self._ties_blocking_fold(fused_type, members)
             or fused_type.fusion_problem(tuple(module for _, module in members))
         )
+
+    def _ties_blocking_fold(
+        self, fused_type: type[nn.Module], members: list[tuple[str, nn.Module]]
+    ) -> str:
+        # Folding BN rewrites the layer's weight and bias in to_float, which
+        # would untie them from another module that shares them.
+        if not issubclass(fused_type, BatchNormFolding):
+            return ""
+        name, layer = members[0]
+        for attribute in ("weight", "bias"):
+            parameter = getattr(layer, attribute, None)
+            if not isinstance(parameter, nn.Parameter):
+                continue
+            own = join_name(name, attribute)
+            others = [other for other in self.parameter_owners[id(parameter)] if other != own]
+            if others:
+                return (
+                    f"{own} is tied to {others[0]}, and folding BatchNorm into it would "
+                    "untie them in the float model"
+                )
+        return ""
 
     def _note_unfused(self, group: Sequence[str], problem: str) -> None:
         """Record on each member of ``group`` why the group was not fused."""
@@ -378,7 +451,13 @@ class _Planner:
 
     def _plan_module(self, name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
         """Plan ``module`` and return the children that still need a plan."""
-        if isinstance(module, (QATModule, FakeQuantize, FusedAway)):
+        if isinstance(module, FusedAway):
+            raise SwapError(
+                f"{name or '<root>'} (FusedAway) is the placeholder of a {module.float_type_name} "
+                f"fused into {module.fused_into or '<root>'}; call qatcore.to_float on a model "
+                "that holds both, or swap the float model"
+            )
+        if isinstance(module, (QATModule, FakeQuantize)):
             raise SwapError(
                 f"{name or '<root>'} ({type(module).__name__}) is already a QAT module; "
                 "swap the float model, or call qatcore.to_float first"
@@ -436,7 +515,22 @@ class _Planner:
         return children
 
     def _plan_alias(self, name: str, first_name: str, module: nn.Module) -> None:
-        """Plan a second name of a module: it gets whatever the first name gets."""
+        """Plan a second name of a module: it gets whatever the first name gets.
+
+        Raises:
+            SwapError: The qconfig configures the second name, or a module
+                inside it, otherwise than the first.
+        """
+        for suffix, inner in iter_named_modules(module):
+            first_path, path = join_name(first_name, suffix), join_name(name, suffix)
+            if self.resolve.configured(path, inner) and self.resolve(path, inner) != self.resolve(
+                first_path, inner
+            ):
+                raise SwapError(
+                    f"{path} ({type(inner).__name__}) is the same module as {first_path}, but "
+                    "the qconfig configures the two names differently; one module has one "
+                    "config, so give both names the same one"
+                )
         if next(module.children(), None) is not None:
             return  # a shared container: its modules are planned under the first name
         first = next(entry for entry in self.entries if entry.name == first_name)
@@ -469,6 +563,7 @@ class _Planner:
         if problem:
             raise SwapError(f"fuse group {described} cannot be fused: {problem}")
         if isinstance(traced, TraceFailure):
+            self.unchecked_groups.append(group)
             self.plan_notes.append(
                 f"torch.fx could not trace the model ({traced}), so the fuse group "
                 f"{described} is not checked against the forward; the forward must call its "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import uuid
 import warnings
 from collections.abc import Iterator
 
@@ -26,7 +27,7 @@ from qatcore._plan import (
 )
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, SwapError
-from qatcore._warnings import CoverageWarning
+from qatcore._warnings import CoverageWarning, QatcoreWarning
 
 __all__ = [
     "enable_fake_quant",
@@ -173,11 +174,21 @@ def swap_modules(
             for member in members[1:]:
                 _clear_hooks(member, PRE_HOOKS + POST_HOOKS + OTHER_HOOKS)
             _replace(model, entry.members[0], fused)
+            group = uuid.uuid4().hex
+            fused._qatcore_fusion_group = group  # type: ignore[union-attr]
             for position, (member_name, member) in enumerate(
                 zip(entry.members[1:], members[1:]), start=1
             ):
-                placeholder = FusedAway(type(member).__name__, entry.name, position)
-                _replace(model, member_name, placeholder)
+                placeholder = FusedAway(type(member).__name__, entry.name, position, group)
+                _replace(model, member_name, placeholder.train(member.training))
+    for note_group in decisions.unchecked_groups:
+        warnings.warn(
+            f"the fuse group {note_group} is not checked against the forward, because torch.fx "
+            "could not trace the model; fused results are right only if the forward calls "
+            "its members back to back on one tensor",
+            QatcoreWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -190,8 +201,11 @@ def _float_replacements(
         return [(name, float_module)]
     # A fused module built by swap_modules left FusedAway placeholders where
     # its later members were; the float members go back into those slots.
+    # Placeholders carry the fused module's group token, and older ones only
+    # the fused module's name.
     members = list(float_module.children())
-    slots = placeholders.get(name, {})
+    group = getattr(module, "_qatcore_fusion_group", None)
+    slots = placeholders.get(group, {}) if group else placeholders.get(name, {})
     if sorted(slots) != list(range(1, len(members))):
         return [(name, float_module)]
     return [(name, members[0])] + [(slots[index], members[index]) for index in sorted(slots)]
@@ -218,7 +232,8 @@ def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, QATModule):
             qat_modules.append((name, module))
         elif isinstance(module, FusedAway):
-            placeholders.setdefault(module.fused_into, {})[module.position] = name
+            key = getattr(module, "group", "") or module.fused_into
+            placeholders.setdefault(key, {})[module.position] = name
     # One float module for each QAT module, whatever number of names it has.
     converted: dict[int, nn.Module] = {}
     for name, module in qat_modules:

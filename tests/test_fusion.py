@@ -572,3 +572,132 @@ def test_shared_module_called_twice_is_not_fused(x86: qatcore.QConfig) -> None:
 
     assert _fused_groups(decisions) == set()
     assert "the forward calls 0.1 2 times" in _reasons(decisions)["0.0"]
+
+
+class SharedHead(nn.Module):
+    """One Linear registered as ``a`` and as ``head.fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.head = nn.Sequential()
+        self.head.fc = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(x))
+
+
+def test_shared_module_with_two_configs_raises(x86: qatcore.QConfig) -> None:
+    with pytest.raises(
+        qatcore.SwapError,
+        match=r"head\.fc \(Linear\) is the same module as a, but the qconfig configures the "
+        r"two names differently",
+    ):
+        qatcore.plan(SharedHead(), {"": x86, "head": None})
+
+
+class SharedBlock(nn.Module):
+    """A conv-ReLU container registered as ``block`` and as ``alias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = self.alias = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def test_shared_container_fuses_under_first_name(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(SharedBlock(), x86)
+    qat = qatcore.swap_modules(SharedBlock(), x86)
+
+    assert _fused_groups(decisions) == {("block.0", "block.1")}
+    assert qat.alias is qat.block
+    assert type(qat.alias[0]).__name__ == "ConvReLU2d"
+
+
+def test_shared_container_with_two_configs_raises(x86: qatcore.QConfig) -> None:
+    with pytest.raises(qatcore.SwapError, match=r"alias\.0 \(Conv2d\) is the same module as"):
+        qatcore.plan(SharedBlock(), {"": x86, "alias.0": None})
+
+
+class TiedConvs(nn.Module):
+    """Two convs sharing one weight; the first is followed by BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.bn(self.c1(x)))
+
+
+def test_tied_weight_is_not_folded(x86: qatcore.QConfig) -> None:
+    decisions = qatcore.plan(TiedConvs(), x86)
+    float_model = qatcore.to_float(qatcore.swap_modules(TiedConvs(), x86))
+
+    assert _fused_groups(decisions) == set()
+    assert _reasons(decisions)["c1"] == (
+        "not fused as c1 + bn: c1.weight is tied to c2.weight, and folding BatchNorm into "
+        "it would untie them in the float model"
+    )
+    assert float_model.c1.weight is float_model.c2.weight
+
+
+class TwoActivations(nn.Module):
+    """The conv output feeds two ReLUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.ra = nn.ReLU()
+        self.rb = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.ra(y) + self.rb(y)
+
+
+def test_each_follower_gets_a_reason(x86: qatcore.QConfig) -> None:
+    reasons = _reasons(qatcore.plan(TwoActivations(), x86))
+
+    assert reasons["ra"].endswith("not fused as conv + ra: the output of conv also feeds rb")
+    assert reasons["rb"].endswith("not fused as conv + rb: the output of conv also feeds ra")
+
+
+def test_explicit_group_names_the_other_user(x86: qatcore.QConfig) -> None:
+    with pytest.raises(
+        qatcore.SwapError, match=r"cannot be fused: the output of conv also feeds ra$"
+    ):
+        qatcore.swap_modules(TwoActivations(), x86, fuse=[("conv", "rb")])
+
+
+def test_unchecked_explicit_group_warns(x86: qatcore.QConfig) -> None:
+    with pytest.warns(qatcore.QatcoreWarning, match=r"the fuse group \('conv', 'act'\) is not"):
+        qatcore.swap_modules(DataDependent(), x86, fuse=[("conv", "act")])
+
+
+def test_to_float_restores_a_swapped_submodule(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential()
+    model.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model.head = nn.Flatten()
+    keys = set(model.state_dict())
+
+    qatcore.swap_modules(model.backbone, x86, inplace=True)
+    float_model = qatcore.to_float(model)
+
+    assert [type(module) for module in float_model.backbone] == [nn.Conv2d, nn.Identity, nn.ReLU]
+    assert set(float_model.state_dict()) == {key for key in keys if ".1." not in key} | {
+        "backbone.0.bias"
+    }
+
+
+def test_placeholders_take_the_member_mode(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+
+    qat = qatcore.swap_modules(model, x86)
+
+    assert not qat[1].training
