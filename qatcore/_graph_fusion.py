@@ -118,9 +118,10 @@ class TracedModel:
     ) -> tuple[tuple[str, ...] | None, list[tuple[tuple[str, ...], str]]]:
         """Return the chain of names matching ``pattern`` from ``node``, else the chains kept apart.
 
-        Without a chain, the second item lists each chain of matching types
-        (or types that match but for a subclass) that the model keeps from
-        fusing, with the cause; it is empty when the types do not match.
+        Without a chain, the second item lists the chains that the model
+        keeps from fusing, each with the cause. Such a chain has the
+        pattern's types, or a subclass of one. The list is empty when the
+        types do not match.
         ``names``, when given, picks the member to follow where a module
         feeds several modules of the next type.
         """
