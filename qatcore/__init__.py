@@ -34,9 +34,13 @@ from qatcore._protocol import (
 )
 from qatcore._reference import (
     check_qparams,
+    fake_quantize_learnable_reference,
     fake_quantize_reference,
+    prepare_learnable_qparams,
     prepare_qparams,
     qparams_from_min_max,
+    quantization_error,
+    reduce_to_qparams,
 )
 from qatcore._registry import Registry, RegistryError
 from qatcore._swap import (
@@ -44,6 +48,7 @@ from qatcore._swap import (
     freeze_bn_stats,
     freeze_observers,
     nonfinite_counts,
+    set_observer_sync,
     swap_modules,
     to_float,
 )
@@ -76,6 +81,7 @@ __all__ = [
     "copy_parameter",
     "check_qparams",
     "enable_fake_quant",
+    "fake_quantize_learnable_reference",
     "fake_quantize_reference",
     "finite_min_max",
     "freeze_bn_stats",
@@ -85,14 +91,18 @@ __all__ = [
     "nonfinite_counts",
     "plan",
     "plugin_manager",
+    "prepare_learnable_qparams",
     "prepare_qparams",
     "qparams_from_min_max",
+    "quantization_error",
     "qualified_name",
+    "reduce_to_qparams",
     "register_fusion",
     "register_kernel",
     "register_module",
     "register_observer",
     "register_plugin",
+    "set_observer_sync",
     "swap_modules",
     "to_float",
     "unregister_plugin",

@@ -81,13 +81,20 @@ def register_observer(name: str, factory: ObserverFactory, *, override: bool = F
     plugin_manager().register_user("observer", name, factory, override=override)
 
 
-def register_kernel(name: str, device_type: str, kernel: Kernel, *, override: bool = False) -> None:
+def register_kernel(
+    name: str, device_type: str, kernel: Kernel, *, learnable: bool = False, override: bool = False
+) -> None:
     """Use ``kernel`` for ``QuantSpec(kernel=name)`` on tensors of ``device_type``.
+
+    With ``learnable=True`` it serves specs with ``learnable=True``; see
+    :meth:`Registry.register_kernel`.
 
     Raises:
         RegistryError: The pair is taken and ``override`` is false.
     """
-    plugin_manager().register_user("kernel", name, device_type, kernel, override=override)
+    plugin_manager().register_user(
+        "kernel", name, device_type, kernel, learnable=learnable, override=override
+    )
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:

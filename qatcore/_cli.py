@@ -16,6 +16,7 @@ from torch import nn
 
 import qatcore
 from qatcore._api import get_qconfig
+from qatcore._config import MAX_BITS, MIN_BITS
 from qatcore._plan import plan
 from qatcore._plugins import (
     ENV_BLOCK,
@@ -56,7 +57,7 @@ def _usage_error(message: str) -> CommandError:
 def _describe_registration(table: str, key: object) -> str:
     if isinstance(key, str):
         return key
-    if table == "kernels" and isinstance(key, tuple):
+    if table in ("kernels", "learnable_kernels") and isinstance(key, tuple):
         name, device_type = key
         return f"{name} ({device_type})"
     return describe_key(key)
@@ -191,6 +192,12 @@ def _lookup_qconfig(name: str) -> qatcore.QConfig:
         raise _usage_error(f"unknown qconfig {name!r}: {detail}") from None
 
 
+def _lookup_observer(name: str) -> None:
+    observers = plugin_manager().registry.observers
+    if name not in observers:
+        raise _usage_error(f"unknown observer {name!r}: {observers.missing_message(name)}")
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     # Cheap checks first: the factory is called last because building a
     # model can take long.
@@ -214,11 +221,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     from qatcore import _demo
 
     _lookup_qconfig(args.qconfig)
+    if args.observer is not None:
+        _lookup_observer(args.observer)
+    changes = [
+        f"{args.observer} observer" if args.observer else "",
+        f"{args.bits} bits" if args.bits else "",
+        "learnable scales" if args.learnable else "",
+    ]
+    described = ", ".join(change for change in changes if change)
     progress = None if args.no_progress else _demo.ProgressBar(sys.stderr)
     print(
         "Training a small CNN on scikit-learn's digits images: "
         f"seed {args.seed}, {args.epochs} float and {args.qat_epochs} QAT epochs, "
-        f"{args.qconfig} preset"
+        f"{args.qconfig} preset" + (f" with {described}" if described else "")
     )
     sys.stdout.flush()
     try:
@@ -227,6 +242,9 @@ def _run_demo(args: argparse.Namespace) -> int:
             qat_epochs=args.qat_epochs,
             seed=args.seed,
             qconfig_name=args.qconfig,
+            observer=args.observer,
+            bits=args.bits,
+            learnable=args.learnable,
             samples=args.samples,
             output=args.output,
             progress=progress,
@@ -342,6 +360,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--qconfig", default="x86", metavar="NAME", help="preset QConfig (default: x86)"
+    )
+    demo.add_argument(
+        "--observer",
+        metavar="NAME",
+        help="observer of the weights and outputs instead of the preset's, such as histogram",
+    )
+    demo.add_argument(
+        "--bits",
+        type=_at_least(MIN_BITS, MAX_BITS),
+        metavar="N",
+        help=f"bit width of the weights and outputs instead of the preset's, {MIN_BITS} to "
+        f"{MAX_BITS}",
+    )
+    demo.add_argument(
+        "--learnable",
+        action="store_true",
+        help="train the scales and affine zero points (LSQ, LSQ+) instead of observing them",
     )
     demo.add_argument(
         "--output",

@@ -105,6 +105,11 @@ class QuantSpec:
         kernel: Name of the fake-quant kernel; ``"default"`` picks the
             registered kernel for the tensor's device, ``"reference"`` forces
             the core's reference kernel.
+        power_of_two: Round each scale up to a power of two, for fixed-point
+            targets whose rescaling is a shift.
+        learnable: Train the scale (and, for an affine spec, the zero point)
+            by gradient descent, as LSQ (symmetric) and LSQ+ (affine) do,
+            starting from the observer's qparams.
 
     Raises:
         ValueError: A field has the wrong type or a value outside its range.
@@ -120,6 +125,15 @@ class QuantSpec:
         factory=dict, converter=_freeze_options, hash=False
     )
     kernel: str = attrs.field(default="default", validator=_check_name)
+    power_of_two: bool = attrs.field(default=False, validator=_check_bool)
+    learnable: bool = attrs.field(default=False, validator=_check_bool)
+
+    def __attrs_post_init__(self) -> None:
+        if self.power_of_two and self.learnable:
+            raise ValueError(
+                "QuantSpec cannot be both power_of_two and learnable: gradient steps move a "
+                "learned scale off powers of two; choose one of them"
+            )
 
     @property
     def quant_min(self) -> int:
@@ -156,6 +170,10 @@ class QuantSpec:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Fields added after a spec was pickled take their defaults.
+        for field in attrs.fields(QuantSpec):
+            if field.name not in state and field.default is not attrs.NOTHING:
+                object.__setattr__(self, field.name, field.default)
         for name, value in state.items():
             if name == "observer_options":
                 value = _freeze_options(value)

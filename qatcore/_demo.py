@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatcore._api import get_qconfig
+from qatcore._config import QConfig
+from qatcore._fake_quantize import FakeQuantize
 from qatcore._plan import Plan, plan
-from qatcore._swap import swap_modules
+from qatcore._swap import freeze_observers, swap_modules
 from qatcore._warnings import CoverageWarning
 
 __all__ = [
@@ -64,6 +66,7 @@ DEFAULT_QAT_EPOCHS = 5
 DEFAULT_BATCH_SIZE = 32
 FLOAT_LEARNING_RATE = 3e-3
 QAT_LEARNING_RATE = 3e-4
+QPARAM_LEARNING_RATE = 1e-5
 STATE_DICT_NAME = "qat_state_dict.pt"
 
 DEMO_THREADS = 1
@@ -225,12 +228,33 @@ def train(
     batch_size: int = DEFAULT_BATCH_SIZE,
     stage: str = "float",
     progress: ProgressCallback | None = None,
+    observe_epochs: int | None = None,
 ) -> None:
-    """Train ``model`` in place with Adam and cross-entropy, shuffling with ``generator``."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    """Train ``model`` in place with Adam and cross-entropy, shuffling with ``generator``.
+
+    Learnable scales and zero points train with :data:`QPARAM_LEARNING_RATE`,
+    because Adam moves every parameter by about the learning rate per step
+    and a scale is far smaller than a weight. With ``observe_epochs`` the
+    observers are frozen after that many epochs, so that learnable qparams
+    start from the observed ones and then train.
+    """
+    qparams = [
+        parameter
+        for module in model.modules()
+        if isinstance(module, FakeQuantize)
+        for parameter in module.parameters(recurse=False)
+    ]
+    chosen = {id(parameter) for parameter in qparams}
+    others = [parameter for parameter in model.parameters() if id(parameter) not in chosen]
+    groups: list[dict[str, object]] = [{"params": others, "lr": learning_rate}]
+    if qparams:
+        groups.append({"params": qparams, "lr": QPARAM_LEARNING_RATE})
+    optimizer = torch.optim.Adam(groups)
     steps = math.ceil(len(labels) / batch_size)
     model.train()
     for epoch in range(1, epochs + 1):
+        if observe_epochs is not None and epoch == observe_epochs + 1:
+            freeze_observers(model)
         order = torch.randperm(len(labels), generator=generator)
         for step in range(1, steps + 1):
             batch = order[(step - 1) * batch_size : step * batch_size]
@@ -250,12 +274,40 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return int((predictions == labels).sum()) / len(labels)
 
 
+def demo_qconfig(
+    name: str, *, observer: str | None = None, bits: int | None = None, learnable: bool = False
+) -> QConfig:
+    """Return the preset ``name`` with its weight and output specs changed as asked.
+
+    Raises:
+        KeyError: No preset is registered as ``name``.
+        ValueError: ``bits`` is not a valid bit width.
+    """
+    changes: dict[str, object] = {}
+    if observer is not None:
+        changes["observer"] = observer
+        changes["observer_options"] = {}
+    if bits is not None:
+        changes["bits"] = bits
+    if learnable:
+        changes["learnable"] = True
+    qconfig = get_qconfig(name)
+    specs = {
+        field: None if spec is None else attrs.evolve(spec, **changes)
+        for field, spec in (("weight", qconfig.weight), ("activation", qconfig.activation))
+    }
+    return attrs.evolve(qconfig, **specs)
+
+
 def run_demo(
     *,
     epochs: int = DEFAULT_EPOCHS,
     qat_epochs: int = DEFAULT_QAT_EPOCHS,
     seed: int = 0,
     qconfig_name: str = "x86",
+    observer: str | None = None,
+    bits: int | None = None,
+    learnable: bool = False,
     samples: int | None = None,
     output: Path | None = None,
     progress: ProgressCallback | None = None,
@@ -272,6 +324,10 @@ def run_demo(
         qat_epochs: QAT fine-tuning epochs.
         seed: Seed of the initial weights and of the batch order.
         qconfig_name: Preset QConfig to swap with, as ``qatcore.get_qconfig`` names it.
+        observer: Observer name for the weights and outputs instead of the
+            preset's, such as ``"histogram"``.
+        bits: Bit width of the weights and outputs instead of the preset's.
+        learnable: Train the scales (LSQ) and affine zero points (LSQ+).
         samples: Use this many images instead of all 1,797.
         output: Folder to save the QAT ``state_dict`` in, as
             ``qat_state_dict.pt``; created if missing.
@@ -280,15 +336,15 @@ def run_demo(
     Raises:
         KeyError: No preset QConfig is registered as ``qconfig_name``.
         MissingDependencyError: scikit-learn is not installed.
-        ValueError: ``epochs`` or ``qat_epochs`` is below 1, or ``samples``
-            is out of range.
+        ValueError: ``epochs`` or ``qat_epochs`` is below 1, ``samples``
+            is out of range, or ``bits`` is not a valid bit width.
         SwapError: The model cannot be swapped with the preset.
         OSError: ``output`` cannot be created or written to.
     """
     for name, value in (("epochs", epochs), ("qat_epochs", qat_epochs)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    qconfig = get_qconfig(qconfig_name)
+    qconfig = demo_qconfig(qconfig_name, observer=observer, bits=bits, learnable=learnable)
     data = load_digits_split(samples)
     state_dict_path = None if output is None else _prepare_output(output)
     started = time.perf_counter()
@@ -325,6 +381,7 @@ def run_demo(
             generator=generator,
             stage="qat",
             progress=progress,
+            observe_epochs=1 if learnable else None,
         )
         qat_accuracy = evaluate(qat_model, data.test_images, data.test_labels)
     seconds = time.perf_counter() - started

@@ -2,38 +2,52 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from qatcore._config import OUTPUT_CHANNELS, QuantSpec
 from qatcore._observer import Float32Buffers, Observer
 from qatcore._plugins import plugin_manager
-from qatcore._reference import fake_quantize_reference
+from qatcore._reference import (
+    FLOAT32_EPS,
+    fake_quantize_learnable_reference,
+    fake_quantize_reference,
+)
 from qatcore._registry import Kernel
 
 __all__ = ["FakeQuantize", "resolve_kernel"]
 
 
-def resolve_kernel(name: str, device_type: str) -> Kernel:
+def resolve_kernel(name: str, device_type: str, *, learnable: bool = False) -> Kernel:
     """Return the kernel registered as ``(name, device_type)``, or the reference kernel.
 
     ``"reference"`` always returns the reference kernel. A name registered
     for some device but not this one falls back to the reference kernel,
-    which runs on every device.
+    which runs on every device. With ``learnable=True`` the lookup uses the
+    learnable kernels and their reference,
+    :func:`~qatcore.fake_quantize_learnable_reference`; a name registered
+    only as a plain kernel falls back to that reference too.
 
     Raises:
         KeyError: ``name`` is registered for no device at all.
     """
+    registry = plugin_manager().registry
+    if learnable:
+        kernels, reference = registry.learnable_kernels, fake_quantize_learnable_reference
+    else:
+        kernels, reference = registry.kernels, fake_quantize_reference
     if name == "reference":
-        return fake_quantize_reference
-    kernels = plugin_manager().registry.kernels
+        return reference
     kernel = kernels.get((name, device_type))
     if kernel is not None:
         return kernel
-    if name != "default" and not any(key[0] == name for key in kernels):
+    known = (key[0] == name for table in (registry.kernels, kernels) for key in table)
+    if name != "default" and not any(known):
         raise KeyError(kernels.missing_message((name, device_type)))
-    return fake_quantize_reference
+    return reference
 
 
 class FakeQuantize(Float32Buffers):
@@ -44,13 +58,26 @@ class FakeQuantize(Float32Buffers):
     the input is fake-quantized with them, as in ``torch.ao.quantization``'s
     ``FakeQuantize``. In eval mode the qparams stay as they are.
 
+    With ``spec.learnable`` the scale, and an affine spec's zero point, are
+    float32 ``nn.Parameter``s trained by gradient descent: LSQ for symmetric
+    specs, LSQ+ for affine ones. The observer initialises them. While it is
+    enabled in training mode, every call overwrites them with the observer's
+    qparams, as ``torch.ao``'s ``_LearnableFakeQuantize`` does with static
+    estimation on. After :func:`qatcore.freeze_observers`, the optimizer's
+    updates are what changes them. The gradients reach the parameters in both
+    phases. A symmetric spec's zero point is a float32 buffer fixed at the
+    spec's middle code. The scale and zero-point gradients are multiplied by
+    LSQ's gradient scale ``1 / sqrt(numel_per_scale * quant_max)``, where
+    ``numel_per_scale`` counts the input's elements per channel (per-channel)
+    or in the whole input (per-tensor).
+
     The switches ``observer_enabled`` and ``fake_quant_enabled`` are plain
     attributes, because they change rarely and a compiled graph should see
     them as constants.
 
-    Buffers:
+    Buffers (parameters where learnable):
         scale: float32, ``()`` per-tensor or ``(C,)`` per-channel.
-        zero_point: int32, same shape.
+        zero_point: int32, same shape; float32 when learnable.
 
     Args:
         spec: How the tensor is quantized.
@@ -84,14 +111,27 @@ class FakeQuantize(Float32Buffers):
         self.spec = spec
         self.channels = channels if spec.per_channel else None
         self.observer = observer or plugin_manager().registry.create_observer(spec, self.channels)
-        resolve_kernel(spec.kernel, "cpu")  # fails early on an unknown kernel name
+        # Fails early on an unknown kernel name.
+        resolve_kernel(spec.kernel, "cpu", learnable=spec.learnable)
 
         shape = () if self.channels is None else (self.channels,)
-        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
-        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        if spec.learnable:
+            self._init_learnable_qparams(shape)
+        else:
+            self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
+            self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.observer_enabled = True
         self.fake_quant_enabled = True
         self._kernels: dict[str, Kernel] = {}
+
+    def _init_learnable_qparams(self, shape: tuple[int, ...]) -> None:
+        self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32))
+        if self.spec.symmetric:
+            # The middle code, as the observers compute it for symmetric specs.
+            middle = 0 if self.spec.signed else (self.quant_min + self.quant_max + 1) // 2
+            self.register_buffer("zero_point", torch.full(shape, middle, dtype=torch.float32))
+        else:
+            self.zero_point = nn.Parameter(torch.zeros(shape, dtype=torch.float32))
 
     @property
     def quant_min(self) -> int:
@@ -107,26 +147,59 @@ class FakeQuantize(Float32Buffers):
         """Return the kernel for tensors of ``device_type``, looked up once per device type."""
         kernel = self._kernels.get(device_type)
         if kernel is None:
-            kernel = resolve_kernel(self.spec.kernel, device_type)
+            kernel = resolve_kernel(self.spec.kernel, device_type, learnable=self.spec.learnable)
             self._kernels[device_type] = kernel
         return kernel
+
+    def grad_factor(self, x: torch.Tensor) -> float:
+        """Return LSQ's gradient scale for input ``x``: ``1 / sqrt(numel_per_scale * quant_max)``.
+
+        It uses only the input's shape, so no tensor value is read. An empty
+        input counts as one element per scale.
+        """
+        numel = x.numel()
+        if self.spec.axis is not None and x.dim() > self.spec.axis:
+            numel //= max(x.shape[self.spec.axis], 1)
+        return 1.0 / math.sqrt(max(numel, 1) * self.quant_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled and self.training:
             self.observer(x.detach())
             scale, zero_point = self.observer.calculate_qparams()
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zero_point)
+            # The qparams are parameters when learnable; writing the
+            # observer's values into them is no step autograd should see.
+            with torch.no_grad():
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
         if not self.fake_quant_enabled:
             return x
         kernel = self.kernel(x.device.type)
+        if self.spec.learnable:
+            return kernel(
+                x,
+                self.scale,
+                self.zero_point,
+                self.quant_min,
+                self.quant_max,
+                self.spec.axis,
+                self.grad_factor(x),
+            )
         return kernel(
             x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.spec.axis
         )
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return copies of the scale and zero point in use."""
-        return self.scale.detach().clone(), self.zero_point.detach().clone()
+        """Return copies of the scale (float32) and zero point (int32) in use.
+
+        A learned scale is clamped to at least float32 eps and a learned
+        zero point is rounded half to even and clamped to the integer range,
+        as the fake quantization applies them.
+        """
+        if not self.spec.learnable:
+            return self.scale.detach().clone(), self.zero_point.detach().clone()
+        scale = torch.clamp(self.scale.detach(), min=FLOAT32_EPS)
+        zero_point = torch.round(self.zero_point.detach()).clamp(self.quant_min, self.quant_max)
+        return scale.clone(), zero_point.to(torch.int32)
 
     def __getstate__(self) -> dict[str, Any]:
         # Kernels are looked up again after unpickling, in the new process's registry.
@@ -139,6 +212,7 @@ class FakeQuantize(Float32Buffers):
             f"bits={self.spec.bits}, signed={self.spec.signed}, "
             f"symmetric={self.spec.symmetric}, axis={self.spec.axis}, "
             f"quant_min={self.quant_min}, quant_max={self.quant_max}, "
+            f"learnable={self.spec.learnable}, "
             f"observer_enabled={self.observer_enabled}, "
             f"fake_quant_enabled={self.fake_quant_enabled}"
         )

@@ -3,33 +3,43 @@
 from __future__ import annotations
 
 import abc
+import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from qatcore._config import QuantSpec
+from qatcore._distributed import all_reduce_range, sync_group
 from qatcore._reference import qparams_from_min_max
 
 __all__ = ["Float32Buffers", "Observer", "RangeObserver", "finite_min_max"]
 
 
 class Float32Buffers(nn.Module):
-    """Module whose buffers keep their dtype when the module is cast.
+    """Module whose buffers and parameters keep their dtype when the module is cast.
 
     ``Module.half()`` and ``Module.to(dtype)`` would cast statistics and
     qparams. They stay float32, and integer buffers stay integer, so that a
-    model cast to bf16 or fp16 keeps full-precision qparams. Device moves
-    apply as usual.
+    model cast to bf16 or fp16 keeps full-precision qparams. Parameters,
+    such as learnable scales, and their gradients keep their dtype too.
+    Device moves apply as usual. Child modules are cast by their own rules.
     """
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        dtypes = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, dtype in dtypes.items():
-            buf = self._buffers[name]
-            if buf is not None and buf.dtype != dtype:
-                self._buffers[name] = buf.to(dtype)
-        return self
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+
+        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            # Skip the cast instead of undoing it, which would round the
+            # values to the narrower dtype on the way.
+            applied = fn(tensor)
+            if applied.dtype != tensor.dtype:
+                return tensor.to(device=applied.device)
+            return applied
+
+        return super()._apply(keep_dtype, recurse=False)
 
 
 class Observer(Float32Buffers, abc.ABC):
@@ -39,6 +49,16 @@ class Observer(Float32Buffers, abc.ABC):
     dtype, so that ``model.half()`` does not change them and one collective
     per buffer can reduce them across ranks. Non-finite values never enter
     the statistics.
+
+    When torch.distributed is initialised with more than one rank, an
+    observer reduces each batch's statistics across ranks before folding
+    them in, so that every rank has the same statistics, computed from
+    every rank's data. Every rank must then run each observer the same
+    number of times per step, as DistributedDataParallel does. The
+    attributes ``sync`` (default ``True``) and ``process_group`` (default
+    group: ``None``) control it; :func:`qatcore.set_observer_sync` sets
+    them for a whole model. A subclass reduces its statistics with at most
+    one collective per call.
 
     Args:
         spec: The tensor's quantization spec.
@@ -55,6 +75,25 @@ class Observer(Float32Buffers, abc.ABC):
             )
         self.spec = spec
         self.channels = channels if spec.per_channel else None
+        # Reduce the statistics across ranks when torch.distributed is
+        # initialised; qatcore.set_observer_sync changes both.
+        self.sync = True
+        self.process_group: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process group belongs to its process and cannot be pickled; an
+        # unpickled observer reduces over the default group.
+        state = self.__dict__.copy()
+        state["process_group"] = None
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Observer:
+        # A copy in the same process keeps reducing over the same group.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        copied.process_group = self.process_group
+        return copied
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> None:
@@ -126,7 +165,8 @@ class RangeObserver(Observer):
 
     Buffers:
         min_val, max_val: float32 range, ``()`` or ``(C,)``; ``+inf``/``-inf``
-            until a finite value is seen. Ranks reduce them with MIN and MAX.
+            until a finite value is seen. Each batch's range is reduced
+            across ranks with one all-reduce before :meth:`update` receives it.
         nonfinite_batches: int64 count of batches that held NaN or inf.
     """
 
@@ -147,6 +187,9 @@ class RangeObserver(Observer):
             )
         batch_min, batch_max, all_finite = finite_min_max(x, self.spec.axis)
         self.nonfinite_batches.add_((~all_finite).to(torch.int64))
+        active, group = sync_group(self)
+        if active:
+            batch_min, batch_max = all_reduce_range(batch_min, batch_max, group)
         seen = batch_min <= batch_max
         new_min, new_max = self.update(batch_min, batch_max)
         self.min_val.copy_(torch.where(seen, new_min, self.min_val))
@@ -171,6 +214,7 @@ class RangeObserver(Observer):
             self.spec.quant_max,
             symmetric=self.spec.symmetric,
             signed=self.spec.signed,
+            power_of_two=self.spec.power_of_two,
         )
 
     def extra_repr(self) -> str:

@@ -292,7 +292,7 @@ class PluginManager:
             if impl.plugin is plugin:
                 impl.function(**{arg: staging for arg in impl.argnames})
 
-    def register_user(self, kind: str, *args: Any, override: bool = False) -> None:
+    def register_user(self, kind: str, *args: Any, override: bool = False, **options: Any) -> None:
         """Register a user's own entry (``kind`` is a ``Registry.register_*`` suffix).
 
         User entries survive plugin changes and are checked against the
@@ -304,7 +304,7 @@ class PluginManager:
             RegistryError: The entry conflicts with a plugin's, or is malformed.
         """
         staging = Registry(plugin=USER)
-        getattr(staging, f"register_{kind}")(*args, override=override)
+        getattr(staging, f"register_{kind}")(*args, override=override, **options)
         self.registry.merge(staging)
         self._user.merge(staging)
 

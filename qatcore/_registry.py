@@ -20,7 +20,10 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 Kernel = Callable[..., torch.Tensor]
-"""A fake-quant kernel: ``kernel(x, scale, zero_point, quant_min, quant_max, axis)``."""
+"""A fake-quant kernel: ``kernel(x, scale, zero_point, quant_min, quant_max, axis)``.
+
+A learnable kernel takes ``grad_factor`` as a seventh argument and also
+returns gradients for the scale and zero point."""
 
 ObserverFactory = Callable[..., "Observer"]
 """Build an observer: ``factory(spec, channels, **spec.observer_options)``."""
@@ -57,8 +60,10 @@ _PROVIDERS: dict[str, dict[object, str]] = {
     "observer": {
         "minmax": "qatcore-observers",
         "moving_average_minmax": "qatcore-observers",
+        "histogram": "qatcore-observers",
     },
     "kernel": {("default", "cpu"): "qatcore-cpu"},
+    "learnable kernel": {("default", "cpu"): "qatcore-cpu"},
     "qconfig": {"x86": "qatcore-x86"},
 }
 
@@ -243,6 +248,8 @@ class Registry:
         fusions: Tuple of float module types, in call order, to fused QAT type.
         observers: Observer name to observer factory.
         kernels: ``(kernel name, device type)`` to fake-quant kernel.
+        learnable_kernels: ``(kernel name, device type)`` to learnable
+            fake-quant kernel, for specs with ``learnable=True``.
         qconfigs: Preset name to :class:`QConfig`.
     """
 
@@ -252,6 +259,7 @@ class Registry:
         self.fusions: Table[tuple[type[nn.Module], ...], type[nn.Module]] = Table("fusion")
         self.observers: Table[str, ObserverFactory] = Table("observer")
         self.kernels: Table[tuple[str, str], Kernel] = Table("kernel")
+        self.learnable_kernels: Table[tuple[str, str], Kernel] = Table("learnable kernel")
         self.qconfigs: Table[str, QConfig] = Table("qconfig")
 
     def tables(self) -> dict[str, Table[Any, Any]]:
@@ -261,6 +269,7 @@ class Registry:
             "fusions": self.fusions,
             "observers": self.observers,
             "kernels": self.kernels,
+            "learnable_kernels": self.learnable_kernels,
             "qconfigs": self.qconfigs,
         }
 
@@ -330,9 +339,22 @@ class Registry:
         self.observers.add(name, factory, plugin=self.plugin, override=override)
 
     def register_kernel(
-        self, name: str, device_type: str, kernel: Kernel, *, override: bool = False
+        self,
+        name: str,
+        device_type: str,
+        kernel: Kernel,
+        *,
+        learnable: bool = False,
+        override: bool = False,
     ) -> None:
         """Use ``kernel`` for ``QuantSpec(kernel=name)`` on tensors of ``device_type``.
+
+        With ``learnable=True`` the kernel serves specs with
+        ``learnable=True`` instead: it is called as ``kernel(x, scale,
+        zero_point, quant_min, quant_max, axis, grad_factor)`` and gives
+        gradients to the scale and zero point as
+        :func:`qatcore.fake_quantize_learnable_reference` does. The two kinds
+        are separate tables, so one name and device type can have both.
 
         Raises:
             RegistryError: ``kernel`` is not callable, ``name`` is
@@ -347,7 +369,8 @@ class Registry:
                 "the kernel name 'reference' is the core's reference kernel and cannot be "
                 "registered; register under 'default' or a name of your own"
             )
-        self.kernels.add((name, device_type), kernel, plugin=self.plugin, override=override)
+        table = self.learnable_kernels if learnable else self.kernels
+        table.add((name, device_type), kernel, plugin=self.plugin, override=override)
 
     def register_qconfig(self, name: str, qconfig: QConfig, *, override: bool = False) -> None:
         """Make ``qconfig`` available as ``qatcore.get_qconfig(name)``.

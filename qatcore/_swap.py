@@ -6,6 +6,7 @@ import copy
 import uuid
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ __all__ = [
     "freeze_bn_stats",
     "freeze_observers",
     "nonfinite_counts",
+    "set_observer_sync",
     "swap_modules",
     "to_float",
 ]
@@ -278,6 +280,25 @@ def _fake_quants(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
     for name, module in iter_named_modules(model):
         if isinstance(module, FakeQuantize):
             yield name, module
+
+
+def set_observer_sync(model: nn.Module, enabled: bool = True, group: Any = None) -> nn.Module:
+    """Turn the cross-rank reduction of every observer in ``model`` on or off.
+
+    Args:
+        model: A QAT model, or any module holding observers.
+        enabled: Reduce each batch's statistics across ranks when
+            torch.distributed is initialised (the default for new observers),
+            or keep each rank's own.
+        group: The process group to reduce over; ``None`` is the default group.
+
+    Returns:
+        ``model``, for chaining.
+    """
+    for _, fake_quant in _fake_quants(model):
+        fake_quant.observer.sync = enabled
+        fake_quant.observer.process_group = group
+    return model
 
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> nn.Module:

@@ -416,6 +416,9 @@ def test_demo_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param(
             ["--output", ""], "argument --output: expected a folder path, got an empty", id="output"
         ),
+        pytest.param(
+            ["--bits", "1"], "argument --bits: expected an integer between 2 and 16", id="bits"
+        ),
     ],
 )
 def test_demo_bad_option_exit_2(
@@ -425,6 +428,27 @@ def test_demo_bad_option_exit_2(
 
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("demo_dependencies", "fresh_plugin_manager")
+def test_demo_observer_and_bits_reach_every_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([*REDUCED_DEMO, "--no-progress", "--observer", "minmax", "--bits", "4"])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "x86 preset with minmax observer, 4 bits" in captured.out
+
+
+@pytest.mark.usefixtures("fresh_plugin_manager")
+def test_demo_unknown_observer_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--observer", "no_such_observer"])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert captured.err.startswith(
+        "qatcore demo: error: unknown observer 'no_such_observer': no observer registered"
+    )
 
 
 @pytest.mark.usefixtures("fresh_plugin_manager")

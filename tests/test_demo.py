@@ -183,3 +183,21 @@ def test_progress_bar_on_terminal_redraws_each_step() -> None:
     assert text.endswith("\n")
     half = "#" * (_demo.ProgressBar.WIDTH // 2) + "-" * (_demo.ProgressBar.WIDTH // 2)
     assert f"[{half}] 2/4" in text
+
+
+def test_demo_qconfig_changes_both_specs(demo_dependencies: None) -> None:
+    qconfig = _demo.demo_qconfig("x86", observer="minmax", bits=4)
+
+    for spec in (qconfig.weight, qconfig.activation):
+        assert spec.observer == "minmax"
+        assert spec.bits == 4
+    assert qconfig.weight.symmetric
+    assert not qconfig.activation.symmetric
+
+
+def test_demo_at_four_bits_uses_sixteen_codes(demo_dependencies: None) -> None:
+    result = _demo.run_demo(seed=0, observer="minmax", bits=4, **REDUCED)
+
+    for module in result.qat_model.modules():
+        if isinstance(module, qatcore.FakeQuantize):
+            assert module.quant_max - module.quant_min == 15

@@ -1,5 +1,6 @@
-"""The CPU fake-quant kernel for qatcore: the reference numerics with fewer allocations."""
+"""The CPU fake-quant kernels for qatcore: the reference numerics with fewer allocations."""
 
 from qatcore_cpu.kernel import fake_quantize_cpu
+from qatcore_cpu.learnable import fake_quantize_learnable_cpu
 
-__all__ = ["fake_quantize_cpu"]
+__all__ = ["fake_quantize_cpu", "fake_quantize_learnable_cpu"]

@@ -1,11 +1,13 @@
-"""Entry point of the qatcore-cpu plugin: registers the CPU fake-quant kernel."""
+"""Entry point of the qatcore-cpu plugin: registers the CPU fake-quant kernels."""
 
 from __future__ import annotations
 
 from qatcore import Registry, hookimpl
 from qatcore_cpu.kernel import fake_quantize_cpu
+from qatcore_cpu.learnable import fake_quantize_learnable_cpu
 
 
 @hookimpl
 def qatcore_register_kernels(registry: Registry) -> None:
     registry.register_kernel("default", "cpu", fake_quantize_cpu)
+    registry.register_kernel("default", "cpu", fake_quantize_learnable_cpu, learnable=True)

@@ -1,4 +1,4 @@
-"""The CPU fake-quant kernel: bit-for-bit identity with the reference kernel, and discovery.
+"""The CPU fake-quant kernels: bit-for-bit identity with the reference kernels, and discovery.
 
 Every identity test runs both kernels on the same input and compares
 outputs and input gradients with ``torch.equal`` after matching NaN
@@ -18,7 +18,7 @@ import torch
 
 import qatcore
 import qatcore_cpu.kernel
-from qatcore_cpu import fake_quantize_cpu
+from qatcore_cpu import fake_quantize_cpu, fake_quantize_learnable_cpu
 
 DTYPES = {
     "float32": torch.float32,
@@ -497,3 +497,115 @@ def test_fake_quantize_module_runs_cpu_kernel(spec: qatcore.QuantSpec) -> None:
         x, fake_quant.scale, fake_quant.zero_point, spec.quant_min, spec.quant_max, spec.axis
     )
     assert_identical(y.detach(), expected.detach(), "FakeQuantize output")
+
+
+# -- learnable kernel -----------------------------------------------------------------
+
+
+def run_learnable(
+    kernel: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_range: tuple[int, int],
+    axis: int | None,
+    grad_factor: float,
+    grad_output: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    x = x.detach().requires_grad_()
+    scale = scale.detach().clone().requires_grad_()
+    zero_point = zero_point.detach().clone().to(torch.float32).requires_grad_()
+    out = kernel(x, scale, zero_point, *quant_range, axis, grad_factor)
+    out.backward(grad_output)
+    assert x.grad is not None and scale.grad is not None and zero_point.grad is not None
+    return out.detach(), x.grad, scale.grad, zero_point.grad
+
+
+def assert_matches_learnable_reference(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_range: tuple[int, int],
+    axis: int | None,
+    grad_factor: float,
+    grad_output: torch.Tensor,
+) -> None:
+    """Assert that the output and all three gradients match, and the output with grad off."""
+    args = (x, scale, zero_point, quant_range, axis, grad_factor, grad_output)
+    actual = run_learnable(fake_quantize_learnable_cpu, *args)
+    expected = run_learnable(qatcore.fake_quantize_learnable_reference, *args)
+    names = ("output", "x gradient", "scale gradient", "zero-point gradient")
+    for name, got, want in zip(names, actual, expected):
+        assert_identical(got, want, name)
+
+    with torch.no_grad():
+        out = fake_quantize_learnable_cpu(x, scale, zero_point, *quant_range, axis, grad_factor)
+    assert_identical(out, expected[0], "output without grad")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@pytest.mark.parametrize("axis", list(AXES.values()), ids=list(AXES))
+@pytest.mark.parametrize("quant_range", list(QUANT_RANGES))
+def test_learnable_adversarial_input_matches_reference(
+    dtype: torch.dtype, layout: str, axis: int | None, quant_range: str, block_size: None
+) -> None:
+    x, scale, zero_point = adversarial_input(quant_range, axis, True, dtype)
+    x = LAYOUTS[layout](x)
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    assert_matches_learnable_reference(
+        x, scale, zero_point, QUANT_RANGES[quant_range], axis, 0.03, grad_output
+    )
+
+
+@pytest.mark.parametrize(("shape", "axis"), _random_cases())
+def test_learnable_random_input_matches_reference(shape: tuple[int, ...], axis: int | None) -> None:
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=generator) * 3
+    channels = 1 if axis is None else shape[axis]
+    scale = torch.rand(channels, generator=generator) * 0.02 + 0.04
+    zero_point = torch.rand(channels, generator=generator) * 20 - 10
+    if axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    grad_output = torch.randn(shape, generator=generator)
+
+    assert_matches_learnable_reference(x, scale, zero_point, (-128, 127), axis, 0.5, grad_output)
+
+
+def test_learnable_grad_output_in_other_layout_matches_reference() -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 5, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+    grad_output = torch.randn(2, 3, 5, 5, generator=generator)
+    zero_point = torch.tensor([0.0, 3.5, -2.5])
+
+    assert_matches_learnable_reference(
+        x, torch.full((3,), 0.02), zero_point, (-8, 7), 1, 1.0, grad_output
+    )
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0], ids=["zero", "negative"])
+def test_learnable_scale_below_eps_matches_reference(value: float) -> None:
+    x = torch.tensor([1e-7, -3e-7, 2e-5, 0.0])
+
+    assert_matches_learnable_reference(
+        x, torch.tensor(value), torch.tensor(0.0), (-128, 127), None, 1.0, torch.ones(4)
+    )
+
+
+def test_process_registry_has_learnable_kernel() -> None:
+    kernels = qatcore.plugin_manager().registry.learnable_kernels
+
+    assert kernels[("default", "cpu")] is fake_quantize_learnable_cpu
+    assert kernels.entry(("default", "cpu")).plugin == "cpu"
+
+
+def test_learnable_fake_quantize_module_runs_cpu_kernel() -> None:
+    spec = qatcore.QuantSpec(signed=False, symmetric=False, learnable=True)
+    fake_quant = qatcore.FakeQuantize(spec)
+
+    y = fake_quant(torch.randn(6, 10, requires_grad=True))
+
+    assert fake_quant.kernel("cpu") is fake_quantize_learnable_cpu
+    assert y.grad_fn is not None
+    assert type(y.grad_fn).__name__ == "_CPULearnableFakeQuantizeBackward"
