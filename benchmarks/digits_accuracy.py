@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 import qatcore
+from qatcore._config import MAX_BITS, MIN_BITS
 from qatcore._demo import run_demo
 
 METHODS = {
@@ -32,10 +34,22 @@ METHODS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], help="bit widths")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell, from 0")
+    parser.add_argument(
+        "--bits",
+        type=_integer(MIN_BITS, MAX_BITS),
+        nargs="+",
+        default=[8, 4, 3],
+        help=f"bit widths, {MIN_BITS} to {MAX_BITS} (default: 8 4 3)",
+    )
+    parser.add_argument(
+        "--seeds", type=_integer(1, None), default=3, help="seeds per cell, from 0 (default: 3)"
+    )
     parser.add_argument("--qconfig", default="x86", help="preset QConfig (default: x86)")
     args = parser.parse_args()
+    try:
+        qatcore.get_qconfig(args.qconfig)
+    except KeyError as error:
+        parser.error(f"unknown --qconfig {args.qconfig!r}: {error.args[0]}")
 
     print(
         f"torch {torch.__version__}, qatcore {qatcore.__version__}, preset {args.qconfig}, "
@@ -63,6 +77,22 @@ def main() -> None:
     print("\n".join(rows))
     runs = len(args.bits) * len(METHODS) * args.seeds
     print(f"\n{runs} runs in {time.perf_counter() - started:.0f} s")
+
+
+def _integer(minimum: int, maximum: int | None) -> Callable[[str], int]:
+    """Return an argparse type for an integer in ``[minimum, maximum]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return value
+
+    return parse
 
 
 def _cell(accuracies: list[float]) -> str:

@@ -220,6 +220,11 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from qatcore import _demo
 
+    if args.learnable and args.qat_epochs < 2:
+        raise _usage_error(
+            f"--learnable needs --qat-epochs 2 or more, got {args.qat_epochs}: the first QAT "
+            "epoch initialises the scales from the observers, the later ones train them"
+        )
     _lookup_qconfig(args.qconfig)
     if args.observer is not None:
         _lookup_observer(args.observer)

@@ -336,14 +336,20 @@ def run_demo(
     Raises:
         KeyError: No preset QConfig is registered as ``qconfig_name``.
         MissingDependencyError: scikit-learn is not installed.
-        ValueError: ``epochs`` or ``qat_epochs`` is below 1, ``samples``
-            is out of range, or ``bits`` is not a valid bit width.
+        ValueError: ``epochs`` or ``qat_epochs`` is below 1, ``qat_epochs``
+            is below 2 with ``learnable``, ``samples`` is out of range, or
+            ``bits`` is not a valid bit width.
         SwapError: The model cannot be swapped with the preset.
         OSError: ``output`` cannot be created or written to.
     """
     for name, value in (("epochs", epochs), ("qat_epochs", qat_epochs)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    if learnable and qat_epochs < 2:
+        raise ValueError(
+            f"learnable scales need qat_epochs of at least 2, got {qat_epochs}: the first "
+            "QAT epoch initialises them from the observers, the later ones train them"
+        )
     qconfig = demo_qconfig(qconfig_name, observer=observer, bits=bits, learnable=learnable)
     data = load_digits_split(samples)
     state_dict_path = None if output is None else _prepare_output(output)

@@ -140,12 +140,24 @@ def finite_min_max(
         # range so wide that it overflows merely takes the masked path too.
         if bool(torch.isfinite(batch_min - batch_max).all()):
             all_finite = torch.ones((), dtype=torch.bool)
-            return batch_min.float(), batch_max.float(), all_finite
+            return _to_float32(batch_min), _to_float32(batch_max), all_finite
 
     finite = torch.isfinite(rows)
     batch_min, _ = _reduce_min_max(torch.where(finite, rows, float("inf")), axis)
     _, batch_max = _reduce_min_max(torch.where(finite, rows, float("-inf")), axis)
-    return batch_min.float(), batch_max.float(), finite.all()
+    return _to_float32(batch_min), _to_float32(batch_max), finite.all()
+
+
+def _to_float32(values: torch.Tensor) -> torch.Tensor:
+    """Cast to float32, clamping finite float64 values beyond float32's range to its limits.
+
+    The infinities that mark an unobserved channel stay infinite.
+    """
+    if values.dtype != torch.float64:
+        return values.float()
+    limit = torch.finfo(torch.float32).max
+    clamped = torch.where(torch.isfinite(values), values.clamp(-limit, limit), values)
+    return clamped.float()
 
 
 def _reduce_min_max(rows: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:

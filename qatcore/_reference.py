@@ -149,6 +149,9 @@ class _ReferenceFakeQuantize(torch.autograd.Function):
         )
         code = torch.round(x.to(scale.dtype) * inv_scale) + zero_point
         clamped = torch.clamp(code, quant_min, quant_max)
+        # NOTE: with a range near float32's limit (|x| above about 2.5e38 at
+        # 2 bits), the extreme code times the scale exceeds float32 and comes
+        # back as inf, as in torch.ao's kernels.
         # Clipped straight-through estimator: the gradient passes where the
         # code lies inside the range. NaN compares false, so it gets none.
         ctx.save_for_backward(clamped == code)

@@ -419,6 +419,11 @@ def test_demo_progress_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param(
             ["--bits", "1"], "argument --bits: expected an integer between 2 and 16", id="bits"
         ),
+        pytest.param(
+            ["--learnable", "--qat-epochs", "1"],
+            "--learnable needs --qat-epochs 2 or more, got 1",
+            id="learnable-one-epoch",
+        ),
     ],
 )
 def test_demo_bad_option_exit_2(
@@ -441,6 +446,8 @@ def test_demo_observer_and_bits_reach_every_spec(capsys: pytest.CaptureFixture[s
 
 @pytest.mark.usefixtures("fresh_plugin_manager")
 def test_demo_unknown_observer_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("qatcore_x86")  # the default preset is checked first
+
     code = main(["demo", "--observer", "no_such_observer"])
 
     captured = capsys.readouterr()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qatcore import QuantSpec, fake_quantize_reference, qparams_from_min_max
+from qatcore import QuantSpec, fake_quantize_reference, finite_min_max, qparams_from_min_max
 
 INT4 = QuantSpec(bits=4, signed=True, symmetric=True)
 INT8 = QuantSpec(bits=8, signed=True, symmetric=True)
@@ -222,3 +222,16 @@ def test_qparams_dtypes_are_float32_and_int32() -> None:
     assert scale.dtype == torch.float32
     assert zero_point.dtype == torch.int32
     assert scale.shape == (2,)
+
+
+def test_float64_range_beyond_float32_is_clamped() -> None:
+    x = torch.tensor([[1e39, -5.0], [0.5, -1e40]], dtype=torch.float64)
+    limit = torch.finfo(torch.float32).max
+
+    per_tensor = finite_min_max(x, None)
+    per_channel = finite_min_max(x, 0)
+
+    assert per_tensor[0].item() == -limit
+    assert per_tensor[1].item() == limit
+    assert per_channel[0].tolist() == [-5.0, -limit]
+    assert per_channel[1].tolist() == [limit, 0.5]

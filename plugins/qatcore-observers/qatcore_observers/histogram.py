@@ -107,7 +107,7 @@ class HistogramObserver(Observer):
         channels: Channel count along ``spec.axis``, or ``None`` per tensor.
         method: ``"percentile"``, ``"mse"`` (default) or ``"entropy"``.
         percentile: Percentile kept by the ``percentile`` method, in
-            ``(0, 100]``; default 99.99. Other methods reject it.
+            ``[50, 100]``; default 99.99. Other methods reject it.
         bins: Histogram bins per channel, at least 2; default 2048.
 
     Raises:
@@ -132,9 +132,16 @@ class HistogramObserver(Observer):
         if percentile is None:
             percentile = 99.99
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
-            raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
-        if not 0 < percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+            raise ValueError(
+                f"percentile must be a number in [50, 100], got {percentile!r}; pass the "
+                "share of values the range keeps, such as 99.99"
+            )
+        if not 50 <= percentile <= 100:
+            raise ValueError(
+                f"percentile must be in [50, 100], got {percentile}: it is the share of "
+                "values the range keeps, so below 50 the range would drop most of them; "
+                "pass a value such as 99.99"
+            )
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             raise ValueError(f"bins must be an int >= 2, got {bins!r}")
         super().__init__(spec, channels)

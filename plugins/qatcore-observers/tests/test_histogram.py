@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import pickle
 import socket
+from pathlib import Path
 
 import attrs
 import pytest
@@ -66,14 +66,25 @@ def test_histogram_is_registered_by_name() -> None:
     [
         ({"method": "kl"}, "method must be one of"),
         ({"method": "mse", "percentile": 99.0}, "percentile applies only"),
-        ({"method": "percentile", "percentile": 0}, r"percentile must be in \(0, 100\]"),
-        ({"method": "percentile", "percentile": 100.5}, r"percentile must be in \(0, 100\]"),
+        ({"method": "percentile", "percentile": 0}, r"percentile must be in \[50, 100\], got 0"),
+        ({"method": "percentile", "percentile": 40}, r"below 50 the range would drop most"),
+        ({"method": "percentile", "percentile": 100.5}, r"percentile must be in \[50, 100\]"),
         ({"method": "percentile", "percentile": "99"}, "percentile must be a number"),
         ({"bins": 1}, "bins must be an int >= 2"),
         ({"bins": 2048.0}, "bins must be an int >= 2"),
         ({"bins": True}, "bins must be an int >= 2"),
     ],
-    ids=["method", "percentile-with-mse", "zero", "above-100", "str", "one-bin", "float", "bool"],
+    ids=[
+        "method",
+        "percentile-with-mse",
+        "zero",
+        "below-50",
+        "above-100",
+        "str",
+        "one-bin",
+        "float",
+        "bool",
+    ],
 )
 def test_invalid_options_raise(options: dict[str, object], message: str) -> None:
     spec = attrs.evolve(UINT8_AFFINE, observer="histogram", observer_options=options)
@@ -511,28 +522,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _sync_worker(rank: int, world: int, port: int, results: dict) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for sync in (True, False):
-            observer = _observer(INT8_SYMMETRIC, method="mse", bins=64)
-            observer.sync = sync
-            high = 1.0 if rank == 0 else 8.0
-            for step in range(3):
-                observer(torch.linspace(0.0, high, 101) * (step + 1) / 3)
-            state = {name: value.clone() for name, value in observer.state_dict().items()}
-            results[(sync, rank)] = state
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_sync_gives_identical_state_on_every_rank() -> None:
+def test_sync_gives_identical_state_on_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spawned ranks import the worker by name, with this folder on sys.path.
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "sync_fixtures"))
+    import histogram_ranks
+
     with mp.Manager() as manager:
         shared = manager.dict()
-        mp.spawn(_sync_worker, args=(2, _free_port(), shared), nprocs=2, join=True)
+        mp.spawn(histogram_ranks.run_rank, args=(2, _free_port(), shared), nprocs=2, join=True)
         results = dict(shared)
     synced = [results[(True, rank)] for rank in range(2)]
     unsynced = [results[(False, rank)] for rank in range(2)]
