@@ -25,7 +25,7 @@ from qatcore._protocol import SwapError
 __all__ = ["BatchNormFolding"]
 
 
-class BatchNormFolding(abc.ABC):
+class BatchNormFolding(metaclass=abc.ABCMeta):
     """Mixin for a QAT layer followed by BatchNorm, with the BN folded into its weight.
 
     The layer keeps the BN module as ``bn`` and calls

@@ -27,7 +27,7 @@ class SwapError(ValueError):
     """A module cannot be swapped to QAT, or back to float, as configured."""
 
 
-class QATModule(abc.ABC):
+class QATModule(metaclass=abc.ABCMeta):
     """The contract every QAT module implements, as a mixin for ``nn.Module``.
 
     A QAT module is built from its float module (or, for a fused module,

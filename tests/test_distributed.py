@@ -95,7 +95,7 @@ def _assert_ranks_equal(states: list[dict[str, torch.Tensor]]) -> None:
         )
 
 
-@pytest.mark.parametrize("run", ["synced", "synced_without_buffer_broadcast"])
+@pytest.mark.parametrize("run", ["synced", "synced_without_buffer_broadcast", "fully_sharded"])
 def test_sync_gives_every_rank_same_observers(rank_results: dict[str, Any], run: str) -> None:
     states = _observers(rank_results, run)
 
@@ -104,7 +104,7 @@ def test_sync_gives_every_rank_same_observers(rank_results: dict[str, Any], run:
     _assert_ranks_equal(states)
 
 
-@pytest.mark.parametrize("run", ["synced", "synced_without_buffer_broadcast"])
+@pytest.mark.parametrize("run", ["synced", "synced_without_buffer_broadcast", "fully_sharded"])
 def test_sync_input_range_covers_every_rank(rank_results: dict[str, Any], run: str) -> None:
     for state in _observers(rank_results, run):
         min_val = state[f"{INPUT_FAKE_QUANT}.observer.min_val"].item()

@@ -179,6 +179,27 @@ def _train(rank: int, *, sync: bool, broadcast_buffers: bool, group: Any = None)
     }
 
 
+def _train_fully_sharded(rank: int) -> dict[str, Any]:
+    """Train a fresh model with FSDP2, every QAT module sharded on its own; return its observers.
+
+    The fake quantizers' qparams are Parameters of no module but their own,
+    and stay whole on every rank, as buffers do.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model()
+    for module in model.modules():
+        if isinstance(module, qatcore.QATModule):
+            fully_shard(module)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        model(_batch(rank, step)).square().mean().backward()
+        optimizer.step()
+    return {"observers": observer_state(model)}
+
+
 def _per_channel_with_nan(rank: int) -> dict[str, torch.Tensor]:
     """Observe per-channel ranges where rank 0's first batch is all NaN.
 
@@ -223,6 +244,7 @@ def run_rank(rank: int, port: int, output_dir: str) -> None:
                 rank, sync=True, broadcast_buffers=False, group=single_rank_groups[rank]
             ),
             "per_channel_with_nan": _per_channel_with_nan(rank),
+            "fully_sharded": _train_fully_sharded(rank),
         }
         output = Path(output_dir)
         if rank == 0:
