@@ -111,8 +111,9 @@ class FakeQuantize(Float32Buffers):
         self.spec = spec
         self.channels = channels if spec.per_channel else None
         self.observer = observer or plugin_manager().registry.create_observer(spec, self.channels)
-        # Fails early on an unknown kernel name.
-        resolve_kernel(spec.kernel, "cpu", learnable=spec.learnable)
+        # Fails early on an unknown kernel name. The CPU kernel is cached now,
+        # so that a compiled graph's first call finds the cache as later ones do.
+        cpu_kernel = resolve_kernel(spec.kernel, "cpu", learnable=spec.learnable)
 
         shape = () if self.channels is None else (self.channels,)
         if spec.learnable:
@@ -122,7 +123,7 @@ class FakeQuantize(Float32Buffers):
             self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.observer_enabled = True
         self.fake_quant_enabled = True
-        self._kernels: dict[str, Kernel] = {}
+        self._kernels: dict[str, Kernel] = {"cpu": cpu_kernel}
 
     def _init_learnable_qparams(self, shape: tuple[int, ...]) -> None:
         self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32))

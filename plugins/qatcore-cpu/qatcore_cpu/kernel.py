@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from qatcore import check_qparams, prepare_qparams
+from qatcore import check_qparams, fake_quantize_reference, prepare_qparams
 
 __all__ = ["BLOCK_ELEMENTS_PER_THREAD", "fake_quantize_cpu"]
 
@@ -306,6 +306,10 @@ def fake_quantize_cpu(
             do not match the channel count, or a scale is not finite and
             positive (see :func:`qatcore.check_qparams`).
     """
+    if torch.compiler.is_compiling():
+        # The blocked loops are eager-mode code; a compiled graph gets the
+        # reference math, which the compiler fuses into one pass itself.
+        return fake_quantize_reference(x, scale, zero_point, quant_min, quant_max, axis)
     check_qparams(x, scale, zero_point, quant_min, quant_max, axis)
     needs_graph = x.requires_grad or scale.requires_grad or zero_point.requires_grad
     if torch.is_grad_enabled() and needs_graph:

@@ -18,6 +18,7 @@ import torch
 
 from qatcore import (
     check_qparams,
+    fake_quantize_learnable_reference,
     prepare_learnable_qparams,
     quantization_error,
     reduce_to_qparams,
@@ -136,6 +137,11 @@ def fake_quantize_learnable_cpu(
     Raises:
         ValueError: See :func:`qatcore.check_qparams` with ``learnable=True``.
     """
+    if torch.compiler.is_compiling():
+        # As for the fixed-scale kernel, a compiled graph gets the reference math.
+        return fake_quantize_learnable_reference(
+            x, scale, zero_point, quant_min, quant_max, axis, grad_factor
+        )
     check_qparams(x, scale, zero_point, quant_min, quant_max, axis, learnable=True)
     needs_graph = x.requires_grad or scale.requires_grad or zero_point.requires_grad
     if torch.is_grad_enabled() and needs_graph:
