@@ -41,6 +41,43 @@ __all__ = [
 ]
 
 
+def copy_module_tree(model: nn.Module) -> nn.Module:
+    """Return a deep copy of ``model`` made module by module, so that depth costs no recursion.
+
+    ``copy.deepcopy`` recurses once per level of nesting and raises
+    RecursionError on a model some hundreds of levels deep. Here each module
+    is copied with its children detached, and the copies are joined again.
+    One memo serves every module, so that shared modules and tied
+    parameters stay shared in the copy.
+    """
+    modules: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        modules.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+
+    memo: dict[int, object] = {}
+    copies: dict[int, nn.Module] = {}
+    for module in modules:
+        children = module.__dict__["_modules"]
+        module.__dict__["_modules"] = type(children)()
+        try:
+            copies[id(module)] = copy.deepcopy(module, memo)
+        finally:
+            module.__dict__["_modules"] = children
+    for module in modules:
+        copies[id(module)].__dict__["_modules"] = type(module._modules)(
+            (name, None if child is None else copies[id(child)])
+            for name, child in module._modules.items()
+        )
+    return copies[id(model)]
+
+
 def _move_hooks(source: nn.Module, target: nn.Module, kinds: tuple[str, ...]) -> None:
     for kind in kinds:
         if kind in source.__dict__:
@@ -148,7 +185,7 @@ def swap_modules(
             "inplace=True and use the returned module"
         )
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_module_tree(model)
 
     # A module registered under several names becomes one QAT module for all of them.
     swapped: dict[int, nn.Module] = {}
@@ -226,7 +263,7 @@ def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         _move_hooks(model, float_module, PRE_HOOKS + POST_HOOKS + OTHER_HOOKS)
         return float_module
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_module_tree(model)
 
     qat_modules = []
     placeholders: dict[str, dict[int, str]] = {}

@@ -583,3 +583,39 @@ def test_subclass_with_own_forward_stays_float(x86: qatcore.QConfig) -> None:
     assert type(qat[0]) is ScaledConv
     x = torch.randn(1, 1, 3, 3)
     assert torch.equal(qat(x), model(x))
+
+
+def _nested(depth: int) -> nn.Module:
+    model: nn.Module = nn.Conv2d(3, 3, 1)
+    for _ in range(depth):
+        model = nn.Sequential(model)
+    return model
+
+
+def test_deeply_nested_model_swaps_and_returns(x86: qatcore.QConfig) -> None:
+    model = _nested(2000)
+
+    qat = qatcore.swap_modules(model, x86)
+    float_model = qatcore.to_float(qat)
+
+    leaf = qat.get_submodule(".".join(["0"] * 2000))
+    assert type(leaf).__name__ == "Conv2d"
+    assert isinstance(leaf, qatcore.QATModule)
+    assert type(float_model.get_submodule(".".join(["0"] * 2000))) is nn.Conv2d
+    assert type(model.get_submodule(".".join(["0"] * 2000))) is nn.Conv2d
+
+
+def test_copy_keeps_shared_modules_and_ties() -> None:
+    from qatcore._swap import copy_module_tree
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared), nn.Linear(4, 4))
+    model[2].weight = shared.weight
+
+    copied = copy_module_tree(model)
+
+    assert copied[0][0] is copied[1][0]
+    assert copied[0][0] is not shared
+    assert copied[2].weight is copied[0][0].weight
+    assert torch.equal(copied[2].weight, shared.weight)
+    assert list(model[0]._modules) == ["0"]
