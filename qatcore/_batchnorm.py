@@ -13,8 +13,9 @@ statistics. A channel whose ``gamma`` is 0 gets a zero weight and outputs
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,9 +43,13 @@ class BatchNormFolding(metaclass=abc.ABCMeta):
     next ``train()`` or ``eval()`` call sets it, as for any child module.
     """
 
+    bn_type: ClassVar[type[_BatchNorm]]
+    """The BatchNorm class that a directly built layer gets, such as ``nn.BatchNorm2d``."""
+
     bn: _BatchNorm
     freeze_bn: bool
     training: bool
+    activation: nn.Module | None
 
     # Set by the torch.nn layer class.
     weight: nn.Parameter
@@ -52,6 +57,25 @@ class BatchNormFolding(metaclass=abc.ABCMeta):
 
     # Provided by the QAT layer class: the weight after the weight fake quantizer.
     _fake_quantized_weight: Callable[[torch.Tensor], torch.Tensor]
+
+    def __init__(
+        self,
+        *args: Any,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        qconfig: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Build like the ``torch.nn`` layer, plus a fresh ``bn_type`` and the fake quantizers."""
+        super().__init__(*args, qconfig=qconfig, **kwargs)  # type: ignore[call-arg]
+        self.bn = self.bn_type(
+            _output_channels(self),  # type: ignore[arg-type]
+            eps=eps,
+            momentum=momentum,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        self.freeze_bn = False
 
     @abc.abstractmethod
     def _apply_weight(
@@ -96,6 +120,26 @@ class BatchNormFolding(metaclass=abc.ABCMeta):
 
         self.bn = bn
         self.freeze_bn = False
+
+    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
+        """Take over the float BatchNorm, and the activation if any, that follow the layer."""
+        self._adopt_bn(members[0], _output_channels(self), where)  # type: ignore[arg-type]
+        self.activation = members[1] if len(members) > 1 else None
+
+    def _folded_float_modules(
+        self, build_layer: Callable[[nn.Parameter, nn.Parameter], nn.Module]
+    ) -> nn.Sequential:
+        """Return the float layer with BN folded in, as an ``nn.Sequential`` in member order.
+
+        ``build_layer(weight, bias)`` builds the float layer. The BN slot is
+        an ``nn.Identity``, so that the float modules go back into the same
+        places. In eval mode the result computes this module's eval output
+        with fake quantization off, up to float rounding.
+        """
+        members = [build_layer(*self._folded_parameters()), nn.Identity()]
+        if self.activation is not None:
+            members.append(copy.deepcopy(self.activation))
+        return nn.Sequential(*members).train(self.training)
 
     def train(self, mode: bool = True) -> BatchNormFolding:
         """Set training mode; frozen BN statistics stay frozen."""
@@ -194,7 +238,7 @@ def _bn_problem(bn: _BatchNorm, channels: int) -> str:
 
 
 def _output_channels(layer: nn.Module) -> int:
-    """Return the output channels of a float conv, transposed conv or linear layer.
+    """Return the output channels of a conv, transposed conv or linear layer, float or QAT.
 
     Raises:
         TypeError: ``layer`` has neither ``out_channels`` nor ``out_features``.

@@ -6,12 +6,8 @@ modules of torch.ao.nn.intrinsic.qat on their numerically stable slow path.
 
 from __future__ import annotations
 
-import copy
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from qatcore import BatchNormFolding, QATConvNd
 
@@ -34,30 +30,6 @@ class QATConvBnNd(BatchNormFolding, QATConvNd):
     computes ``conv -> BN(eval)`` even in training mode.
     """
 
-    bn_type: ClassVar[type[_BatchNorm]]
-
-    def __init__(
-        self,
-        *args: Any,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        qconfig: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, qconfig=qconfig, **kwargs)
-        self.bn = self.bn_type(
-            self.out_channels,
-            eps=eps,
-            momentum=momentum,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        self.freeze_bn = False
-
-    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
-        self._adopt_bn(members[0], self.out_channels, where)
-        self.activation = members[1] if len(members) > 1 else None
-
     def _apply_weight(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
@@ -72,16 +44,8 @@ class QATConvBnNd(BatchNormFolding, QATConvNd):
         return self._bn_folded_output(input)
 
     def to_float(self) -> nn.Module:
-        """Return the conv with BN folded in, as an ``nn.Sequential`` in member order.
-
-        The BN slot is an ``nn.Identity``, so that the float modules go
-        back into the same places. In eval mode its output equals this
-        module's eval output with fake quantization off, up to float rounding.
-        """
-        members: list[nn.Module] = [self._float_conv(*self._folded_parameters()), nn.Identity()]
-        if self.activation is not None:
-            members.append(copy.deepcopy(self.activation))
-        return nn.Sequential(*members).train(self.training)
+        """Return the conv with BN folded in, then an ``nn.Identity`` and the activation."""
+        return self._folded_float_modules(self._float_conv)
 
 
 class ConvBn1d(QATConvBnNd, nn.Conv1d):

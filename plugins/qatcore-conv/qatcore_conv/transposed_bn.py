@@ -8,13 +8,9 @@ split over blocks of rows.
 
 from __future__ import annotations
 
-import copy
-from typing import Any, ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from qatcore import BatchNormFolding
 from qatcore_conv.transposed import QATConvTransposeNd
@@ -39,30 +35,6 @@ class QATConvTransposeBnNd(BatchNormFolding, QATConvTransposeNd):
     forward takes ``output_size`` as the float transposed conv does, and
     needs batched input, as BatchNorm does.
     """
-
-    bn_type: ClassVar[type[_BatchNorm]]
-
-    def __init__(
-        self,
-        *args: Any,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        qconfig: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, qconfig=qconfig, **kwargs)
-        self.bn = self.bn_type(
-            self.out_channels,
-            eps=eps,
-            momentum=momentum,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        self.freeze_bn = False
-
-    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
-        self._adopt_bn(members[0], self.out_channels, where)
-        self.activation = members[1] if len(members) > 1 else None
 
     def _scale_output_channels(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         # Output channel g * (out // groups) + j is column j of the rows of
@@ -93,17 +65,8 @@ class QATConvTransposeBnNd(BatchNormFolding, QATConvTransposeNd):
         return self._bn_folded_output(input, output_padding=output_padding)
 
     def to_float(self) -> nn.Module:
-        """Return the transposed conv with BN folded in, as an ``nn.Sequential`` in member order.
-
-        The BN slot is an ``nn.Identity``, so that the float modules go
-        back into the same places. In eval mode its output equals this
-        module's eval output with fake quantization off, up to float rounding.
-        """
-        conv = self._float_conv_transpose(*self._folded_parameters())
-        members: list[nn.Module] = [conv, nn.Identity()]
-        if self.activation is not None:
-            members.append(copy.deepcopy(self.activation))
-        return nn.Sequential(*members).train(self.training)
+        """Return the folded transposed conv, an ``nn.Identity`` and the activation."""
+        return self._folded_float_modules(self._float_conv_transpose)
 
 
 class ConvTransposeBn1d(QATConvTransposeBnNd, nn.ConvTranspose1d):

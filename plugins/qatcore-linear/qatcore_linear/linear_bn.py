@@ -6,9 +6,6 @@ modules of torch.ao.nn.intrinsic.qat on their numerically stable slow path.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,28 +31,7 @@ class QATLinearBnBase(BatchNormFolding, QATLinearBase):
     computes ``linear -> BN(eval)`` even in training mode.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        qconfig: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        """Build like ``nn.Linear``, plus a fresh ``nn.BatchNorm1d`` and the fake quantizers."""
-        super().__init__(*args, qconfig=qconfig, **kwargs)
-        self.bn = nn.BatchNorm1d(
-            self.out_features,
-            eps=eps,
-            momentum=momentum,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        self.freeze_bn = False
-
-    def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
-        self._adopt_bn(members[0], self.out_features, where)
-        self.activation = members[1] if len(members) > 1 else None
+    bn_type = nn.BatchNorm1d
 
     def _apply_weight(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
@@ -78,16 +54,8 @@ class QATLinearBnBase(BatchNormFolding, QATLinearBase):
         return self._bn_folded_output(input)
 
     def to_float(self) -> nn.Module:
-        """Return the linear layer with BN folded in, as an ``nn.Sequential`` in member order.
-
-        The BN slot is an ``nn.Identity``, so that the float modules go
-        back into the same places. In eval mode its output equals this
-        module's eval output with fake quantization off, up to float rounding.
-        """
-        members: list[nn.Module] = [self._float_linear(*self._folded_parameters()), nn.Identity()]
-        if self.activation is not None:
-            members.append(copy.deepcopy(self.activation))
-        return nn.Sequential(*members).train(self.training)
+        """Return the linear layer with BN folded in, then an ``nn.Identity`` and the activation."""
+        return self._folded_float_modules(self._float_linear)
 
 
 class LinearBn1d(QATLinearBnBase):
