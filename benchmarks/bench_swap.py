@@ -1,8 +1,9 @@
 """Time plan, swap_modules and to_float on a wide model and on a deeply nested one.
 
-The wide model has 2,000 conv-BN-ReLU blocks in one ``nn.Sequential``; the
-deep one is a conv inside 2,000 nested ``nn.Sequential`` containers, deeper
-than Python's default recursion limit allows a recursive walk to go.
+The wide model has 2,000 conv-BN-ReLU blocks in one ``nn.Sequential``. The
+deep one is a conv inside 2,000 nested ``nn.Sequential`` containers, which
+is deeper than a recursive walk can go under Python's default recursion
+limit.
 
 Run from the repository root after the Quick start install::
 

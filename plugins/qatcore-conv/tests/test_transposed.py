@@ -271,7 +271,7 @@ def test_readme_x86_example_runs() -> None:
 
 @pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
 @pytest.mark.parametrize("groups", [1, 2], ids=["groups-1", "groups-2"])
-def test_output_channels_axis_gives_one_scale_per_output_channel(dim: int, groups: int) -> None:
+def test_output_channels_axis_scales_each_channel(dim: int, groups: int) -> None:
     torch.manual_seed(0)
     conv = FLOAT_TYPES[dim](4, 6, 2, groups=groups)
     spec = qatcore.QuantSpec(bits=8, signed=True, symmetric=True, axis=qatcore.OUTPUT_CHANNELS)

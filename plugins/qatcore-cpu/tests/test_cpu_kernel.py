@@ -517,7 +517,9 @@ def run_learnable(
     zero_point = zero_point.detach().clone().to(torch.float32).requires_grad_()
     out = kernel(x, scale, zero_point, *quant_range, axis, grad_factor)
     out.backward(grad_output)
-    assert x.grad is not None and scale.grad is not None and zero_point.grad is not None
+    assert x.grad is not None
+    assert scale.grad is not None
+    assert zero_point.grad is not None
     return out.detach(), x.grad, scale.grad, zero_point.grad
 
 

@@ -424,7 +424,7 @@ def _fold(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the histogram of ``|x|`` on ``[0, amax]`` and its bin width.
 
-    Each bin's count moves to the ``|x|`` bin that holds the magnitude of its
+    Each bin's count moves to the ``|x|`` bin that contains the magnitude of its
     center, so a count can land one ``|x|`` bin off.
     """
     seen = torch.isfinite(amax)
@@ -536,7 +536,7 @@ def _kl_kept_bins(counts: torch.Tensor, levels: int) -> torch.Tensor:
     and ``S'_g`` each group's mass with and without the clipped counts,
     ``n_g`` its bins where ``P > 0``, ``N`` all counts and ``H`` the kept
     counts, ``KL = sum(P log P) / N - log N - sum_g(S_g log(S'_g / n_g)) / N
-    + log H``. Only the last group holds clipped counts, and the others
+    + log H``. Only the last group contains clipped counts, and the others
     depend on ``i`` only through the group size ``i // levels``, so their
     terms are computed once per group size.
     """

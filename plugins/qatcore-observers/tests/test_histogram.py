@@ -225,8 +225,8 @@ def test_batch_inside_range_adds_into_bins() -> None:
     ids=["downward", "both-ways"],
 )
 def test_widening_merge_matches_single_batch(extension: list[float]) -> None:
-    # [0, 1] in 8 bins widens to [-3, 1] or [-1, 3] in bins of width 0.5: each
-    # new bin holds 4 whole old bins.
+    # [0, 1] in 8 bins widens to [-3, 1] or [-1, 3] in bins of width 0.5, so
+    # each new bin covers 4 whole old bins.
     first = torch.tensor([0.0, *CENTERS])
     second = torch.tensor(extension)
     merged = _observer(UINT8_AFFINE, bins=8)

@@ -8,7 +8,7 @@ __all__ = ["X86_QCONFIG"]
 
 # Weights: int8, symmetric, one scale per output channel, as the x86 engine's
 # quantized kernels take them. The output channels are axis 0 of a conv or
-# linear weight and axis 1 of a transposed conv weight; each QAT module
+# linear weight and axis 1 of a transposed conv weight, and each QAT module
 # resolves OUTPUT_CHANNELS to its own.
 _WEIGHT = QuantSpec(
     bits=8, signed=True, symmetric=True, axis=OUTPUT_CHANNELS, observer="moving_average_minmax"
