@@ -77,11 +77,16 @@ def check_qparams(
     axis: int | None,
     *,
     learnable: bool = False,
+    scales: bool = True,
 ) -> None:
     """Validate a fake-quant call's arguments before a kernel runs.
 
     With ``learnable=True``, as the learnable kernels call it, a scale of 0
-    or below passes, because those kernels clamp it to float32 eps.
+    or below passes, because those kernels clamp it to float32 eps. With
+    ``scales=False`` only the range, axis and shapes are checked. A kernel
+    that checks the scale values in its own pass over them passes False,
+    and calls this function again with ``scales=True`` when it finds an
+    invalid scale, to raise the error below.
 
     Raises:
         ValueError: The range is empty, the axis does not exist, the qparams
@@ -113,7 +118,7 @@ def check_qparams(
 
     # The check reads the scale on the host, so it is skipped while tracing a
     # graph. Observers never produce such a scale; only a hand-set one can.
-    if torch.compiler.is_compiling():
+    if not scales or torch.compiler.is_compiling():
         return
     valid = torch.isfinite(scale)
     if not learnable:

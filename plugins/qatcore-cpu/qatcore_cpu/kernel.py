@@ -1,15 +1,21 @@
-"""The CPU fake-quant kernel: the reference's op sequence, run in place on cache-sized blocks.
+"""The CPU fake-quant kernel: native loops where they apply, the reference's ATen ops elsewhere.
 
-The reference kernel allocates a fresh full-size tensor for every step of
-``round(x * inv_scale) + zero_point``, the clamp, the mask and the
-dequantization. On a large activation most of its time goes to those
-allocations and to streaming each intermediate through main memory. This
-kernel allocates only what it returns: the output, and the bool mask that
-the backward pass needs. It walks a large input in blocks small enough to
-stay in cache and applies the reference's ATen ops, in the reference's
-order, to each block through ``out=`` arguments and in-place methods. Every
-element meets the same operations on the same operands as in the reference,
-so outputs and gradients are identical bit for bit.
+Float32 and float64 tensors in any dense layout go through the plugin's C
+loops (:mod:`qatcore_cpu.native`): one pass reads the input and writes the
+output and, when the backward pass needs one, the bool gradient mask. A
+leaf input such as a weight is kept for the backward pass instead of a
+mask, and the backward loop recomputes the mask as it multiplies.
+
+Half-precision inputs, expanded and sliced views, and installs without the
+native loops take the ATen path. It allocates only what it returns: the
+output, and the mask that the backward pass needs. It walks a large input
+in blocks small enough to stay in cache and applies the reference's ATen
+ops, in the reference's order, to each block through ``out=`` arguments and
+in-place methods.
+
+Both paths apply the same operations to every element, on the same
+operands, as the reference, so outputs and gradients are identical bit for
+bit.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from qatcore import check_qparams, fake_quantize_reference, prepare_qparams
+from qatcore_cpu import native
 
 __all__ = ["BLOCK_ELEMENTS_PER_THREAD", "fake_quantize_cpu"]
 
@@ -110,7 +117,7 @@ def _scratch_buffers(out_dtype: torch.dtype, compute_dtype: torch.dtype, mask: b
     return int(out_dtype != compute_dtype) + int(mask)
 
 
-def _memory_order(*tensors: torch.Tensor) -> list[int] | None:
+def memory_order(*tensors: torch.Tensor) -> list[int] | None:
     """Return the permutation that makes every tensor a contiguous view, if there is one.
 
     The permutation sorts the first tensor's dimensions by decreasing
@@ -196,6 +203,63 @@ class _BlockRunner:
         _fake_quantize_block(x, self.out[index], mask, scratch, qparams, *self.quant_range)
 
 
+def _dense_order(x: torch.Tensor) -> list[int] | None:
+    """Return :func:`memory_order` of ``x``, checking the common layouts first."""
+    if x.is_contiguous():
+        return list(range(x.dim()))
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return [0, 2, 3, 1]
+    return memory_order(x)
+
+
+def _native_layout(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    *,
+    snapshot: bool = False,
+) -> native.Layout | None:
+    """Return the native loops' view of ``x`` and its qparams, or ``None`` where they cannot run.
+
+    They run on non-empty dense float32 and float64 tensors. Half-precision
+    inputs, expanded and sliced views, and a plugin built without its
+    extension take the ATen path. The output and the mask, made by
+    ``torch.empty_like(x)``, have ``x``'s strides then. With ``snapshot``
+    the layout contains copies of the qparams, so that a backward pass sees
+    the qparams of its forward pass even after an observer updated them.
+    """
+    if not native.available() or x.dtype not in native.DTYPES or x.numel() == 0:
+        return None
+    order = _dense_order(x)
+    if order is None:
+        return None
+    if axis is None:
+        channels, inner = 1, x.numel()
+    else:
+        channels = x.shape[axis]
+        inner = math.prod(x.shape[dim] for dim in order[order.index(axis) + 1 :])
+    # The same conversion as prepare_qparams: the scale to float32, and a
+    # zero point of another dtype to float32 before it is rounded.
+    scale = scale.detach().to(torch.float32)
+    zero_point = zero_point.detach()
+    if zero_point.dtype not in native.ZERO_POINT_DTYPES:
+        zero_point = zero_point.to(torch.float32)
+    if snapshot:
+        scale, zero_point = scale.clone(), zero_point.clone()
+    return native.Layout(channels, inner, scale.contiguous(), zero_point.contiguous())
+
+
+def _native_takes(x: torch.Tensor) -> bool:
+    """Return whether the native loops take ``x``: a non-empty dense float32 or float64 tensor."""
+    return (
+        native.available()
+        and x.dtype in native.DTYPES
+        and x.numel() > 0
+        and _dense_order(x) is not None
+    )
+
+
 def _fake_quantize_forward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -205,20 +269,36 @@ def _fake_quantize_forward(
     axis: int | None,
     *,
     need_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    qparams = _Qparams(*prepare_qparams(x, scale, zero_point, quant_min, quant_max, axis))
+    snapshot: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, native.Layout | None]:
+    """Return the output, the gradient mask when ``need_mask``, and the native layout used.
+
+    The caller has checked the range, axis and shapes; this function checks
+    the scale values, and raises :func:`qatcore.check_qparams`'s error.
+    """
     out = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.bool) if need_mask else None
-    if x.numel() == 0:
-        return out, mask
 
+    layout = _native_layout(x, scale, zero_point, axis, snapshot=snapshot)
+    if layout is not None and native.forward(x, out, mask, layout, quant_min, quant_max):
+        return out, mask, layout
+
+    # The native loops found a scale that is not finite and positive in
+    # float32, or did not run. check_qparams raises for an invalid scale. A
+    # float64 scale that is valid but leaves float32's range passes it, and
+    # the ATen path computes what the reference computes for it.
+    check_qparams(x, scale, zero_point, quant_min, quant_max, axis)
+    if x.numel() == 0:
+        return out, mask, None
+    qparams = _Qparams(*prepare_qparams(x, scale, zero_point, quant_min, quant_max, axis))
+    dense = (x, out) if mask is None else (x, out, mask)
     block = _block_elements()
     if x.numel() > block:
-        order = _memory_order(*((x, out) if mask is None else (x, out, mask)))
+        order = memory_order(*dense)
         if order is not None:
             runner = _BlockRunner(x, out, mask, order, qparams, axis, (quant_min, quant_max), block)
             runner.run()
-            return out, mask
+            return out, mask, None
 
     # A tensor that fits one block, or an expanded or sliced view without a
     # flat memory order, is one block. Its qparams broadcast as the reference
@@ -226,7 +306,7 @@ def _fake_quantize_forward(
     buffers = _scratch_buffers(out.dtype, qparams.scale.dtype, need_mask)
     scratch = [torch.empty_like(x, dtype=qparams.scale.dtype) for _ in range(buffers)]
     _fake_quantize_block(x, out, mask, scratch, qparams, quant_min, quant_max)
-    return out, mask
+    return out, mask, None
 
 
 class _CPUFakeQuantize(torch.autograd.Function):
@@ -240,39 +320,81 @@ class _CPUFakeQuantize(torch.autograd.Function):
         quant_max: int,
         axis: int | None,
     ) -> torch.Tensor:
-        out, inside = _fake_quantize_forward(
-            x, scale, zero_point, quant_min, quant_max, axis, need_mask=True
+        # A leaf input, such as a weight, outlives the backward pass anyway.
+        # Keeping it instead of a mask saves the mask's memory and its write,
+        # and the backward pass recomputes the mask in the same loop as the
+        # product.
+        keep_input = x.grad_fn is None and _native_takes(x)
+        out, inside, layout = _fake_quantize_forward(
+            x,
+            scale,
+            zero_point,
+            quant_min,
+            quant_max,
+            axis,
+            need_mask=not keep_input,
+            snapshot=keep_input,
         )
-        ctx.save_for_backward(inside)
+        if inside is None:
+            ctx.save_for_backward(x)
+            ctx.recompute = (layout, quant_min, quant_max)
+        else:
+            ctx.save_for_backward(inside)
+            ctx.recompute = None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (inside,) = ctx.saved_tensors
-        return _masked_gradient(grad_output, inside), None, None, None, None, None
+        (saved,) = ctx.saved_tensors
+        if ctx.recompute is None:
+            grad_input = _masked_gradient(grad_output, saved)
+        else:
+            grad_input = _input_gradient(grad_output, saved, *ctx.recompute)
+        return grad_input, None, None, None, None, None
+
+
+def _input_gradient(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    layout: native.Layout,
+    quant_min: int,
+    quant_max: int,
+) -> torch.Tensor:
+    """Return ``grad_output * inside`` with the mask recomputed from the input ``x``."""
+    # Autograd hands in a gradient of the output's dtype, which is x's, but
+    # not always in x's layout; the loop needs both alike.
+    if grad_output.dtype != x.dtype or grad_output.stride() != x.stride():
+        grad_output = torch.empty_like(x).copy_(grad_output)
+    grad_input = torch.empty_like(x)
+    native.input_gradient(grad_output, x, grad_input, layout, quant_min, quant_max)
+    return grad_input
 
 
 def _masked_gradient(grad_output: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Return ``grad_output * inside``, one block at a time when the tensors are large and dense.
+    """Return ``grad_output * inside``, in one native pass or by blocks when large and dense.
 
     It is the reference's product rather than a select, so that an inf or
     NaN gradient outside the range turns into NaN as it does there. On a
-    64x64x56x56 float32 tensor, one product over the whole tensor measured
-    about 1.5x slower than the same product written block by block into one
-    output.
+    64x64x56x56 float32 tensor, one ATen product over the whole tensor
+    measured about 1.5x slower than the same product written block by block
+    into one output.
     """
-    block = _block_elements()
-    if grad_output.numel() > block and grad_output.shape == inside.shape:
+    if grad_output.shape == inside.shape and grad_output.numel() > 0:
         grad_input = torch.empty_like(grad_output)
-        order = _memory_order(grad_output, inside, grad_input)
+        order = memory_order(grad_output, inside, grad_input)
         if order is not None:
-            grad, mask, result = (
-                tensor.permute(order).view(-1) for tensor in (grad_output, inside, grad_input)
-            )
-            for start in range(0, grad.numel(), block):
-                part = slice(start, start + block)
-                torch.mul(grad[part], mask[part], out=result[part])
-            return grad_input
+            if native.available() and grad_output.dtype in native.DTYPES:
+                native.masked_gradient(grad_output, inside, grad_input)
+                return grad_input
+            block = _block_elements()
+            if grad_output.numel() > block:
+                grad, mask, result = (
+                    tensor.permute(order).view(-1) for tensor in (grad_output, inside, grad_input)
+                )
+                for start in range(0, grad.numel(), block):
+                    part = slice(start, start + block)
+                    torch.mul(grad[part], mask[part], out=result[part])
+                return grad_input
     return grad_output * inside
 
 
@@ -310,11 +432,11 @@ def fake_quantize_cpu(
         # The blocked loops are eager-mode code; a compiled graph gets the
         # reference math, which the compiler fuses into one pass itself.
         return fake_quantize_reference(x, scale, zero_point, quant_min, quant_max, axis)
-    check_qparams(x, scale, zero_point, quant_min, quant_max, axis)
+    check_qparams(x, scale, zero_point, quant_min, quant_max, axis, scales=False)
     needs_graph = x.requires_grad or scale.requires_grad or zero_point.requires_grad
     if torch.is_grad_enabled() and needs_graph:
         return _CPUFakeQuantize.apply(x, scale, zero_point, quant_min, quant_max, axis)
-    out, _ = _fake_quantize_forward(
+    out, _, _ = _fake_quantize_forward(
         x, scale, zero_point, quant_min, quant_max, axis, need_mask=False
     )
     return out

@@ -58,7 +58,7 @@ class _CPULearnableFakeQuantize(torch.autograd.Function):
         clamped_scale = torch.clamp(
             scale.detach().to(torch.float32), min=torch.finfo(torch.float32).eps
         )
-        out, _ = _fake_quantize_forward(
+        out, _, _ = _fake_quantize_forward(
             x, clamped_scale, zero_point.detach(), quant_min, quant_max, axis, need_mask=False
         )
         ctx.save_for_backward(x, scale, zero_point)
@@ -149,7 +149,7 @@ def fake_quantize_learnable_cpu(
             x, scale, zero_point, quant_min, quant_max, axis, grad_factor
         )
     clamped_scale = torch.clamp(scale.to(torch.float32), min=torch.finfo(torch.float32).eps)
-    out, _ = _fake_quantize_forward(
+    out, _, _ = _fake_quantize_forward(
         x, clamped_scale, zero_point, quant_min, quant_max, axis, need_mask=False
     )
     return out

@@ -18,6 +18,7 @@ import torch
 
 import qatcore
 import qatcore_cpu.kernel
+import qatcore_cpu.native
 from qatcore_cpu import fake_quantize_cpu, fake_quantize_learnable_cpu
 
 DTYPES = {
@@ -42,11 +43,20 @@ FLOAT_ZERO_POINTS = {
 # with 8 significant bits, that holds only for codes below 128.
 SCALES = [2.0**-4, 0.1, 2.0**-7, 0.0371, 1.0]
 
-# Elements per block, whatever the thread count. The default block takes
-# every small test tensor whole. Blocks of 10 elements put block edges
+# The kernel's paths. "native" runs the C loops with their default ranges;
+# "native-ranges-of-8" splits every tensor over three threads at multiples of
+# 8 elements, so that range edges fall inside channels. The ATen paths run
+# without the native loops, with blocks of the given size: the default block
+# takes every small test tensor whole, blocks of 10 elements put block edges
 # everywhere and leave ragged tails, and blocks of 256 run the vectorized
 # loops over several blocks.
-BLOCKS = {"one-block": None, "blocks-of-10": 10, "blocks-of-256": 256}
+PATHS = {
+    "native": None,
+    "native-ranges-of-8": 8,
+    "aten-one-block": None,
+    "aten-blocks-of-10": 10,
+    "aten-blocks-of-256": 256,
+}
 
 
 def _integer_zero_point(value: float, quant_min: int, quant_max: int) -> int:
@@ -118,11 +128,27 @@ def assert_matches_reference(
     assert_identical(x, before, "input after the kernel")
 
 
-@pytest.fixture(params=list(BLOCKS.values()), ids=list(BLOCKS))
-def block_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.param is not None:
-        per_thread = max(1, request.param // torch.get_num_threads())
-        monkeypatch.setattr(qatcore_cpu.kernel, "BLOCK_ELEMENTS_PER_THREAD", per_thread)
+@pytest.fixture(params=list(PATHS), ids=list(PATHS))
+def block_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Select one of :data:`PATHS` for the test."""
+    size = PATHS[request.param]
+    if request.param.startswith("native"):
+        if not qatcore_cpu.native.available():
+            pytest.skip(qatcore_cpu.native.status() or "the native loops are not loaded")
+        if size is not None:
+            monkeypatch.setattr(qatcore_cpu.native, "MIN_ELEMENTS_PER_THREAD", 1)
+            monkeypatch.setattr(qatcore_cpu.native, "ALIGNMENT", size)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(3)
+            yield
+            torch.set_num_threads(threads)
+            return
+    else:
+        monkeypatch.setattr(qatcore_cpu.native, "_native", None)
+        if size is not None:
+            per_thread = max(1, size // torch.get_num_threads())
+            monkeypatch.setattr(qatcore_cpu.kernel, "BLOCK_ELEMENTS_PER_THREAD", per_thread)
+    yield
 
 
 # -- adversarial inputs -------------------------------------------------------------

@@ -1,0 +1,306 @@
+/*
+ * Native loops of the qatcore-cpu fake-quant kernel.
+ *
+ * Each function works on the elements [start, stop) of a dense tensor seen
+ * in memory order as (outer, channels, inner), with one float32 scale and
+ * one int32 or float32 zero point per channel (one channel for per-tensor
+ * quantization). The caller splits a tensor into ranges and runs them on
+ * several threads. Every function releases the GIL while it loops.
+ *
+ * The qparams are prepared as qatcore.prepare_qparams prepares them: the
+ * reciprocal scale in float32, the zero point rounded half to even and
+ * clamped. A scale that is not finite and positive is counted, and its
+ * channel is skipped, so that the caller raises qatcore.check_qparams's
+ * error. Then the arithmetic is the reference kernel's, operation for
+ * operation, in the input's dtype (float32 or float64): code = nearbyint(x * inv_scale) +
+ * zero_point, clamped = clamp(code, quant_min, quant_max) with NaN passing
+ * through, inside = clamped == code, out = (clamped - zero_point) * scale,
+ * grad_input = grad_output * inside. The build turns off floating-point
+ * contraction, so no product and sum fuse into one rounding, and every
+ * element gets the same bits as from the ATen ops.
+ *
+ * Pointers arrive as Python integers (tensor.data_ptr()). The Python side
+ * checks dtypes, shapes and layouts before it calls in.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+/* GCC and Clang on x86-64 Linux build an AVX2 clone of each loop next to
+ * the baseline one and pick it at load time on CPUs that have AVX2. The
+ * AVX2 clone rounds eight floats per instruction; the baseline calls
+ * nearbyint per element. Both round half to even, as torch.round does. */
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define QATCORE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QATCORE_CLONES
+#endif
+
+enum { KIND_FLOAT32 = 0, KIND_FLOAT64 = 1 };
+
+/* clamp(code, lo, hi) as torch.clamp computes it: a NaN code stays NaN. */
+#define CLAMP(code, lo, hi) ((code) < (lo) ? (lo) : ((code) > (hi) ? (hi) : (code)))
+
+#define DEFINE_RUNS(T, SUFFIX, ROUND)                                                             \
+    QATCORE_CLONES static void forward_run_##SUFFIX(                                              \
+        const T *x, T *out, unsigned char *inside, int64_t n, T scale, T inv_scale, T zero_point, \
+        T lo, T hi) {                                                                              \
+        if (inside) {                                                                              \
+            for (int64_t i = 0; i < n; i++) {                                                      \
+                T code = ROUND(x[i] * inv_scale) + zero_point;                                     \
+                T clamped = CLAMP(code, lo, hi);                                                   \
+                inside[i] = clamped == code;                                                       \
+                out[i] = (clamped - zero_point) * scale;                                           \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int64_t i = 0; i < n; i++) {                                                      \
+                T code = ROUND(x[i] * inv_scale) + zero_point;                                     \
+                T clamped = CLAMP(code, lo, hi);                                                   \
+                out[i] = (clamped - zero_point) * scale;                                           \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    QATCORE_CLONES static void input_gradient_run_##SUFFIX(                                       \
+        const T *grad, const T *x, T *out, int64_t n, T inv_scale, T zero_point, T lo, T hi) {    \
+        for (int64_t i = 0; i < n; i++) {                                                          \
+            T code = ROUND(x[i] * inv_scale) + zero_point;                                         \
+            T clamped = CLAMP(code, lo, hi);                                                       \
+            out[i] = grad[i] * (T)(clamped == code);                                               \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    QATCORE_CLONES static void masked_gradient_run_##SUFFIX(                                      \
+        const T *grad, const unsigned char *inside, T *out, int64_t n) {                           \
+        for (int64_t i = 0; i < n; i++) {                                                          \
+            out[i] = grad[i] * (T)inside[i];                                                       \
+        }                                                                                          \
+    }
+
+DEFINE_RUNS(float, f32, nearbyintf)
+DEFINE_RUNS(double, f64, nearbyint)
+
+
+enum { ZERO_POINT_FLOAT32 = 0, ZERO_POINT_INT32 = 1 };
+
+/* One channel's qparams as the reference prepares them: the float32 scale,
+ * its float32 reciprocal, and the zero point converted to float32, rounded
+ * half to even and clamped to [lo, hi]. */
+typedef struct {
+    float scale, inv_scale, zero_point;
+    int valid; /* the scale is finite and > 0, as qatcore.check_qparams requires */
+} ChannelQparams;
+
+static ChannelQparams channel_qparams(const float *scales, const void *zero_points,
+                                      int zero_point_kind, int64_t channel, float lo, float hi) {
+    ChannelQparams q;
+    q.scale = scales[channel];
+    q.inv_scale = 1.0f / q.scale;
+    float zero_point = zero_point_kind == ZERO_POINT_INT32
+                           ? (float)((const int32_t *)zero_points)[channel]
+                           : ((const float *)zero_points)[channel];
+    zero_point = nearbyintf(zero_point);
+    q.zero_point = CLAMP(zero_point, lo, hi);
+    q.valid = q.scale > 0.0f && q.scale <= FLT_MAX;
+    return q;
+}
+
+/* The arguments every per-channel loop shares. */
+typedef struct {
+    int kind;
+    int64_t channels, inner, start, stop;
+    const float *scales;
+    const void *zero_points;
+    int zero_point_kind;
+    float quant_min, quant_max;
+} Layout;
+
+static int parse_layout(Layout *layout, int kind, long long channels, long long inner,
+                        long long start, long long stop, unsigned long long scales,
+                        unsigned long long zero_points, int zero_point_kind, double quant_min,
+                        double quant_max) {
+    if (kind != KIND_FLOAT32 && kind != KIND_FLOAT64) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype kind %d; expected 0 (float32) or 1 (float64)",
+                     kind);
+        return -1;
+    }
+    if (zero_point_kind != ZERO_POINT_FLOAT32 && zero_point_kind != ZERO_POINT_INT32) {
+        PyErr_Format(PyExc_ValueError,
+                     "unknown zero-point kind %d; expected 0 (float32) or 1 (int32)",
+                     zero_point_kind);
+        return -1;
+    }
+    if (channels < 1 || inner < 1 || start < 0 || stop < start) {
+        PyErr_Format(PyExc_ValueError,
+                     "invalid layout: channels=%lld, inner=%lld, start=%lld, stop=%lld", channels,
+                     inner, start, stop);
+        return -1;
+    }
+    layout->kind = kind;
+    layout->channels = channels;
+    layout->inner = inner;
+    layout->start = start;
+    layout->stop = stop;
+    layout->scales = (const float *)(uintptr_t)scales;
+    layout->zero_points = (const void *)(uintptr_t)zero_points;
+    layout->zero_point_kind = zero_point_kind;
+    layout->quant_min = (float)quant_min;
+    layout->quant_max = (float)quant_max;
+    return 0;
+}
+
+/* Call body(first, count, q) for each run of [start, stop) that lies in one
+ * channel, with that channel's qparams, and return how many runs met an
+ * invalid scale. Those runs are skipped, and the caller raises. */
+#define FOR_EACH_CHANNEL_RUN(layout, body)                                               \
+    do {                                                                                 \
+        int64_t first_ = (layout).start;                                                 \
+        while (first_ < (layout).stop) {                                                 \
+            int64_t row_ = first_ / (layout).inner;                                      \
+            int64_t end_ = (row_ + 1) * (layout).inner;                                  \
+            if (end_ > (layout).stop) end_ = (layout).stop;                              \
+            ChannelQparams q_ =                                                          \
+                channel_qparams((layout).scales, (layout).zero_points,                   \
+                                (layout).zero_point_kind, row_ % (layout).channels,      \
+                                (layout).quant_min, (layout).quant_max);                 \
+            if (q_.valid) {                                                              \
+                body(first_, end_ - first_, q_);                                         \
+            } else {                                                                     \
+                invalid_++;                                                              \
+            }                                                                            \
+            first_ = end_;                                                               \
+        }                                                                                \
+    } while (0)
+
+static PyObject *native_forward(PyObject *self, PyObject *args) {
+    int kind, zero_point_kind;
+    long long channels, inner, start, stop;
+    unsigned long long x, out, inside, scales, zero_points;
+    double quant_min, quant_max;
+    if (!PyArg_ParseTuple(args, "iKKKLLLLKKidd", &kind, &x, &out, &inside, &channels, &inner,
+                          &start, &stop, &scales, &zero_points, &zero_point_kind, &quant_min,
+                          &quant_max))
+        return NULL;
+    Layout layout;
+    if (parse_layout(&layout, kind, channels, inner, start, stop, scales, zero_points,
+                     zero_point_kind, quant_min, quant_max) < 0)
+        return NULL;
+
+    int64_t invalid_ = 0;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char *mask = (unsigned char *)(uintptr_t)inside;
+    if (kind == KIND_FLOAT32) {
+        const float *xs = (const float *)(uintptr_t)x;
+        float *outs = (float *)(uintptr_t)out;
+#define RUN_F32(first, count, q)                                                           \
+    forward_run_f32(xs + (first), outs + (first), mask ? mask + (first) : NULL, (count),    \
+                    q.scale, q.inv_scale, q.zero_point, layout.quant_min, layout.quant_max)
+        FOR_EACH_CHANNEL_RUN(layout, RUN_F32);
+#undef RUN_F32
+    } else {
+        const double *xs = (const double *)(uintptr_t)x;
+        double *outs = (double *)(uintptr_t)out;
+#define RUN_F64(first, count, q)                                                           \
+    forward_run_f64(xs + (first), outs + (first), mask ? mask + (first) : NULL, (count),    \
+                    (double)q.scale, (double)q.inv_scale, (double)q.zero_point,             \
+                    (double)layout.quant_min, (double)layout.quant_max)
+        FOR_EACH_CHANNEL_RUN(layout, RUN_F64);
+#undef RUN_F64
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(invalid_);
+}
+
+static PyObject *native_input_gradient(PyObject *self, PyObject *args) {
+    int kind, zero_point_kind;
+    long long channels, inner, start, stop;
+    unsigned long long grad, x, out, scales, zero_points;
+    double quant_min, quant_max;
+    if (!PyArg_ParseTuple(args, "iKKKLLLLKKidd", &kind, &grad, &x, &out, &channels, &inner,
+                          &start, &stop, &scales, &zero_points, &zero_point_kind, &quant_min,
+                          &quant_max))
+        return NULL;
+    Layout layout;
+    if (parse_layout(&layout, kind, channels, inner, start, stop, scales, zero_points,
+                     zero_point_kind, quant_min, quant_max) < 0)
+        return NULL;
+
+    int64_t invalid_ = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == KIND_FLOAT32) {
+        const float *gs = (const float *)(uintptr_t)grad;
+        const float *xs = (const float *)(uintptr_t)x;
+        float *outs = (float *)(uintptr_t)out;
+#define RUN_F32(first, count, q)                                                          \
+    input_gradient_run_f32(gs + (first), xs + (first), outs + (first), (count), q.inv_scale, \
+                           q.zero_point, layout.quant_min, layout.quant_max)
+        FOR_EACH_CHANNEL_RUN(layout, RUN_F32);
+#undef RUN_F32
+    } else {
+        const double *gs = (const double *)(uintptr_t)grad;
+        const double *xs = (const double *)(uintptr_t)x;
+        double *outs = (double *)(uintptr_t)out;
+#define RUN_F64(first, count, q)                                                            \
+    input_gradient_run_f64(gs + (first), xs + (first), outs + (first), (count),               \
+                           (double)q.inv_scale, (double)q.zero_point, (double)layout.quant_min, \
+                           (double)layout.quant_max)
+        FOR_EACH_CHANNEL_RUN(layout, RUN_F64);
+#undef RUN_F64
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(invalid_);
+}
+
+static PyObject *native_masked_gradient(PyObject *self, PyObject *args) {
+    int kind;
+    long long start, stop;
+    unsigned long long grad, inside, out;
+    if (!PyArg_ParseTuple(args, "iKKKLL", &kind, &grad, &inside, &out, &start, &stop)) return NULL;
+    if ((kind != KIND_FLOAT32 && kind != KIND_FLOAT64) || start < 0 || stop < start) {
+        PyErr_Format(PyExc_ValueError, "invalid arguments: kind=%d, start=%lld, stop=%lld", kind,
+                     start, stop);
+        return NULL;
+    }
+
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *mask = (const unsigned char *)(uintptr_t)inside + start;
+    int64_t count = stop - start;
+    if (kind == KIND_FLOAT32) {
+        masked_gradient_run_f32((const float *)(uintptr_t)grad + start, mask,
+                                (float *)(uintptr_t)out + start, count);
+    } else {
+        masked_gradient_run_f64((const double *)(uintptr_t)grad + start, mask,
+                                (double *)(uintptr_t)out + start, count);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef native_methods[] = {
+    {"forward", native_forward, METH_VARARGS,
+     "forward(kind, x, out, inside, channels, inner, start, stop, scales, zero_points, "
+     "zero_point_kind, quant_min, quant_max)\n\nFake-quantize elements [start, stop) into out, "
+     "and the gradient mask into inside unless it is 0. Return how many channel runs met an "
+     "invalid scale and were skipped."},
+    {"input_gradient", native_input_gradient, METH_VARARGS,
+     "input_gradient(kind, grad, x, out, channels, inner, start, stop, scales, zero_points, "
+     "zero_point_kind, quant_min, quant_max)\n\nWrite grad * inside into out for elements "
+     "[start, stop), recomputing inside from x. Return how many channel runs met an invalid "
+     "scale and were skipped."},
+    {"masked_gradient", native_masked_gradient, METH_VARARGS,
+     "masked_gradient(kind, grad, inside, out, start, stop)\n\nWrite grad * inside into out for "
+     "elements [start, stop)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "_native",
+    "Native loops of the qatcore-cpu fake-quant kernel; qatcore_cpu.native wraps them.", -1,
+    native_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }

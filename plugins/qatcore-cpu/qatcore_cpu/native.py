@@ -1,0 +1,204 @@
+"""The native loops, split over threads: one pass over memory per fake-quant step.
+
+The extension ``qatcore_cpu._native`` is built from ``_native.c`` when the
+plugin is installed, where a C compiler is present. Each of its functions
+walks a range of a dense float32 or float64 tensor and releases the GIL, so
+the ranges of one tensor run on a small pool of Python threads, one per
+intra-op thread of torch. Where the extension is missing, :func:`status`
+returns the reason, and the kernel runs its ATen path, which gives the
+same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "DTYPES",
+    "Layout",
+    "ZERO_POINT_DTYPES",
+    "available",
+    "forward",
+    "input_gradient",
+    "masked_gradient",
+    "status",
+]
+
+try:
+    from qatcore_cpu import _native
+except ImportError as error:
+    _native = None
+    _MISSING = (
+        f"the native loops are not built ({error}); reinstall qatcore-cpu where a C compiler "
+        "is present to build them. The kernel runs its ATen path, with the same results"
+    )
+else:
+    _MISSING = None
+
+DTYPES = {torch.float32: 0, torch.float64: 1}
+"""Input dtypes the native loops take, each with the integer the extension takes for it."""
+
+MIN_ELEMENTS_PER_THREAD = 1 << 16
+"""Below this many elements per thread a tensor runs on the calling thread alone.
+
+Handing a range to the pool and waiting for it costs an estimated few tens
+of microseconds, about what one thread needs for 2**16 float32 elements.
+"""
+
+ALIGNMENT = 64
+"""Range boundaries fall on multiples of this many elements, so threads share no cache line."""
+
+
+def available() -> bool:
+    """Return whether the native loops are built and loaded."""
+    return _native is not None
+
+
+def status() -> str | None:
+    """Return why the native loops are missing, or ``None`` when they are loaded."""
+    return _MISSING
+
+
+ZERO_POINT_DTYPES = {torch.float32: 0, torch.int32: 1}
+"""Zero-point dtypes the native loops take, each with the integer the extension takes for it."""
+
+
+class Layout(NamedTuple):
+    """A dense tensor seen in memory order as ``(outer, channels, inner)``, with its qparams.
+
+    ``scale`` is a contiguous float32 tensor of ``channels`` values (0-d
+    for one channel) and ``zero_point`` a contiguous tensor of as many
+    values, of a dtype in :data:`ZERO_POINT_DTYPES`.
+    """
+
+    channels: int
+    inner: int
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def qparam_arguments(self) -> tuple[int, int, int, int, int]:
+        """Return ``channels``, ``inner``, the qparams' pointers and the zero point's kind."""
+        return (
+            self.channels,
+            self.inner,
+            self.scale.data_ptr(),
+            self.zero_point.data_ptr(),
+            ZERO_POINT_DTYPES[self.zero_point.dtype],
+        )
+
+
+class _Pool:
+    """Worker threads for the native loops, made again after a fork or a thread-count change."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._key: tuple[int, int] | None = None
+
+    def executor(self, workers: int) -> ThreadPoolExecutor:
+        # A forked child inherits the executor but not its threads, so the
+        # pool belongs to the process that made it.
+        key = (os.getpid(), workers)
+        with self._lock:
+            if self._key != key or self._executor is None:
+                if self._executor is not None and self._key is not None:
+                    if self._key[0] == key[0]:
+                        self._executor.shutdown(wait=False)
+                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="qatcore-cpu")
+                self._key = key
+            return self._executor
+
+
+_POOL = _Pool()
+
+
+def _split(numel: int, run: Callable[[int, int], int]) -> int:
+    """Call ``run(start, stop)`` over ``[0, numel)`` in one range per thread; return the sum."""
+    threads = min(torch.get_num_threads(), max(1, numel // MIN_ELEMENTS_PER_THREAD))
+    if threads <= 1:
+        return run(0, numel)
+    step = -(-numel // threads)
+    step = -(-step // ALIGNMENT) * ALIGNMENT
+    bounds = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+    if len(bounds) == 1:
+        return run(0, numel)
+    executor = _POOL.executor(len(bounds) - 1)
+    pending: list[Future[int]] = [executor.submit(run, *bound) for bound in bounds[1:]]
+    total = run(*bounds[0])
+    for future in pending:
+        total += future.result()
+    return total
+
+
+def forward(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    inside: torch.Tensor | None,
+    layout: Layout,
+    quant_min: int,
+    quant_max: int,
+) -> bool:
+    """Write the fake-quantized ``x`` into ``out``, and its gradient mask into ``inside``.
+
+    ``x``, ``out`` and ``inside`` are dense with the same memory order, and
+    ``x`` has a dtype of :data:`DTYPES`. Returns ``False``, with ``out``
+    incomplete, when a scale is not finite and positive.
+    """
+    kind = DTYPES[x.dtype]
+    mask = inside.data_ptr() if inside is not None else 0
+    pointers = (x.data_ptr(), out.data_ptr(), mask)
+    channels, inner, *qparams = layout.qparam_arguments()
+
+    def run(start: int, stop: int) -> int:
+        return _native.forward(
+            kind, *pointers, channels, inner, start, stop, *qparams, quant_min, quant_max
+        )
+
+    return _split(x.numel(), run) == 0
+
+
+def input_gradient(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    layout: Layout,
+    quant_min: int,
+    quant_max: int,
+) -> None:
+    """Write ``grad * inside`` into ``out``, recomputing the gradient mask from ``x``.
+
+    ``layout`` holds the forward pass's own copy of the qparams, which that
+    pass checked, so the ``RuntimeError`` below marks a bug, not bad input.
+    """
+    kind = DTYPES[x.dtype]
+    pointers = (grad.data_ptr(), x.data_ptr(), out.data_ptr())
+    channels, inner, *qparams = layout.qparam_arguments()
+
+    def run(start: int, stop: int) -> int:
+        return _native.input_gradient(
+            kind, *pointers, channels, inner, start, stop, *qparams, quant_min, quant_max
+        )
+
+    if _split(x.numel(), run) != 0:
+        raise RuntimeError(
+            "the qparams saved for the backward pass contain a scale that is not finite "
+            "and positive, although the forward pass accepted them"
+        )
+
+
+def masked_gradient(grad: torch.Tensor, inside: torch.Tensor, out: torch.Tensor) -> None:
+    """Write ``grad * inside`` into ``out``; the three share one dense memory order."""
+    kind = DTYPES[grad.dtype]
+    pointers = (grad.data_ptr(), inside.data_ptr(), out.data_ptr())
+
+    def run(start: int, stop: int) -> int:
+        _native.masked_gradient(kind, *pointers, start, stop)
+        return 0
+
+    _split(grad.numel(), run)
