@@ -22,7 +22,7 @@ from qatcore._fake_quantize import FakeQuantize
 from qatcore._hookspecs import hookimpl
 from qatcore._observer import Observer, RangeObserver, finite_min_max
 from qatcore._plan import FusedAway, Plan, PlanEntry, plan
-from qatcore._plugins import PluginError, PluginManager, plugin_manager
+from qatcore._plugins import PluginError, PluginManager, PluginUnavailable, plugin_manager
 from qatcore._protocol import (
     QATConvNd,
     QATModule,
@@ -67,6 +67,7 @@ __all__ = [
     "PlanEntry",
     "PluginError",
     "PluginManager",
+    "PluginUnavailable",
     "QATConvNd",
     "QATModule",
     "QConfig",

@@ -100,6 +100,7 @@ def _run_plugins(args: argparse.Namespace) -> int:
     try:
         rows = _plugin_rows()
         failures = manager.failures()
+        skipped = manager.skipped()
     except PluginError as error:
         raise CommandError(f"{error} ({ENV_STRICT} is set)") from None
 
@@ -112,6 +113,9 @@ def _run_plugins(args: argparse.Namespace) -> int:
     blocked = manager.blocked()
     if blocked:
         print(f"\nblocked by {ENV_BLOCK}: {', '.join(blocked)}")
+    if skipped:
+        print("\nskipped, because a requirement is missing:")
+        _print_lines(f"  {skip.describe()}" for skip in skipped)
     if failures:
         print("\nfailed to load:")
         _print_lines(f"  {failure.describe()}" for failure in failures)
@@ -320,8 +324,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "plugins",
         help="list the installed plugins and what each registered",
         description="List the loaded plugins with their distribution, version and "
-        "registrations, then the plugins that failed to load (exit code 1) and the blocked "
-        "ones.",
+        "registrations, then the blocked ones, the ones skipped because a requirement is "
+        "missing (such as a CUDA device), and the ones that failed to load (exit code 1).",
     )
     plugins.set_defaults(run=_run_plugins)
 

@@ -7,6 +7,11 @@ the return value is ignored. Hooks are called when the registry is first
 needed, and again after an in-process plugin is registered or
 unregistered, in the order: modules, observers, kernels, qconfigs. A
 plugin implements only the hooks it needs.
+
+A hook that finds a requirement of its plugin missing on this machine (a
+device, an optional library) raises :class:`qatcore.PluginUnavailable`
+with the reason. The plugin is then reported as skipped rather than
+failed, and none of its entries count.
 """
 
 from __future__ import annotations

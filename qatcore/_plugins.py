@@ -23,6 +23,8 @@ __all__ = [
     "PluginFailure",
     "PluginInfo",
     "PluginManager",
+    "PluginSkip",
+    "PluginUnavailable",
     "plugin_manager",
 ]
 
@@ -61,6 +63,25 @@ class PluginError(RuntimeError):
         self.distribution = distribution
 
 
+class PluginUnavailable(Exception):
+    """A plugin's report that one of its requirements is missing on this machine.
+
+    A plugin raises it at import or in a registration hook, with the reason
+    as the message, such as ``"no CUDA device: torch.cuda.is_available() is
+    False"``. The plugin manager reports the plugin as skipped with that
+    reason instead of failed: none of its entries count, the skip is logged
+    at debug level only, strict mode does not raise, and ``qatcore plugins``
+    still exits with 0.
+
+    Attributes:
+        reason: Why the plugin cannot run here.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @attrs.frozen
 class PluginInfo:
     """A loaded plugin: its name, where it came from, and what it registered."""
@@ -90,6 +111,22 @@ class PluginFailure:
         )
 
 
+@attrs.frozen
+class PluginSkip:
+    """A plugin that raised :class:`PluginUnavailable` at import or in a hook, with the reason."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    stage: str
+    reason: str
+
+    def describe(self) -> str:
+        """Return one line naming the plugin, its distribution and the reason."""
+        origin = f" from {self.distribution} {self.version}" if self.distribution else ""
+        return f"plugin {self.name!r}{origin} is unavailable: {self.reason}"
+
+
 @attrs.define
 class _Source:
     distribution: str | None = None
@@ -103,9 +140,11 @@ class PluginManager:
     registry is needed. A plugin that fails to import or register is
     reported in :meth:`failures` and logged, and the others still load.
     With ``strict=True`` (or ``QATCORE_STRICT_PLUGINS=1``) the failure
-    raises :class:`PluginError` instead. ``QATCORE_BLOCK_PLUGINS=a,b`` skips
-    the named entry points, and ``QATCORE_DISABLE_PLUGIN_AUTOLOAD=1`` skips
-    them all. In-process plugins from :meth:`register` always count.
+    raises :class:`PluginError` instead. A plugin that raises
+    :class:`PluginUnavailable` is reported in :meth:`skipped`, in strict
+    mode too. ``QATCORE_BLOCK_PLUGINS=a,b`` skips the named entry points,
+    and ``QATCORE_DISABLE_PLUGIN_AUTOLOAD=1`` skips them all. In-process
+    plugins from :meth:`register` always count.
     """
 
     def __init__(self, *, strict: bool | None = None) -> None:
@@ -114,6 +153,7 @@ class PluginManager:
         self._pm.add_hookspecs(_hookspecs)
         self._sources: dict[str, _Source] = {}
         self._failures: list[PluginFailure] = []
+        self._skipped: list[PluginSkip] = []
         self._blocked: list[str] = []
         self._autoloaded = False
         self._attempted: set[tuple[str, str, str | None]] = set()
@@ -184,6 +224,9 @@ class PluginManager:
                 plugin = entry_point.load()
                 self._pm.register(plugin, name=entry_point.name)
                 self._pm.check_pending()
+            except PluginUnavailable as unavailable:
+                self._skip(entry_point.name, source, "import", unavailable)
+                continue
             except Exception as error:
                 if self._pm.has_plugin(entry_point.name):
                     self._pm.unregister(name=entry_point.name)
@@ -209,6 +252,13 @@ class PluginManager:
             self._logged.add(failure.describe())
             logger.warning("%s; the other plugins still load", failure.describe())
             logger.debug("traceback of the failure of plugin %r", name, exc_info=error)
+
+    def _skip(self, name: str, source: _Source, stage: str, unavailable: PluginUnavailable) -> None:
+        skip = PluginSkip(name, source.distribution, source.version, stage, unavailable.reason)
+        self._skipped.append(skip)
+        if skip.describe() not in self._logged:
+            self._logged.add(skip.describe())
+            logger.debug("%s; it is skipped", skip.describe())
 
     # -- in-process plugins ------------------------------------------------
 
@@ -250,6 +300,7 @@ class PluginManager:
         self._pm.unregister(name=name)
         self._sources.pop(name, None)
         self._failures = [failure for failure in self._failures if failure.name != name]
+        self._skipped = [skip for skip in self._skipped if skip.name != name]
         self._registry = None
 
     def names(self) -> list[str]:
@@ -271,6 +322,7 @@ class PluginManager:
     def _build(self) -> Registry:
         self._autoload()
         self._failures = [failure for failure in self._failures if failure.stage == "import"]
+        self._skipped = [skip for skip in self._skipped if skip.stage == "import"]
         registry = Registry(plugin="qatcore")
         registry.merge(self._user)
         for name, plugin in list(self._pm.list_name_plugin()):
@@ -279,6 +331,8 @@ class PluginManager:
                 for hook_name in _hookspecs.REGISTRATION_HOOKS:
                     self._call_hook(hook_name, plugin, staging)
                 registry.merge(staging)
+            except PluginUnavailable as unavailable:
+                self._skip(name, self._sources.get(name, _Source()), "register", unavailable)
             except Exception as error:
                 source = self._sources.get(name, _Source())
                 self._fail(name, source, "register", error)
@@ -311,10 +365,11 @@ class PluginManager:
     def plugins(self) -> list[PluginInfo]:
         """Return the loaded plugins with their distributions and registrations."""
         registry = self.registry
-        failed = {failure.name for failure in self._failures}
+        unloaded = {failure.name for failure in self._failures}
+        unloaded |= {skip.name for skip in self._skipped}
         infos = []
         for name in self.names():
-            if name in failed:
+            if name in unloaded:
                 continue
             source = self._sources.get(name, _Source())
             infos.append(
@@ -326,6 +381,11 @@ class PluginManager:
         """Return the plugins that failed to import or register, with their errors."""
         self.registry  # noqa: B018 - building the registry records register failures
         return list(self._failures)
+
+    def skipped(self) -> list[PluginSkip]:
+        """Return the plugins that raised :class:`PluginUnavailable`, with their reasons."""
+        self.registry  # noqa: B018 - building the registry records skips in hooks
+        return list(self._skipped)
 
     def blocked(self) -> list[str]:
         """Return the entry-point names skipped because of ``QATCORE_BLOCK_PLUGINS``."""

@@ -80,8 +80,8 @@ def install_hint(distribution: str) -> str:
         return f"install the {distribution} plugin to provide it"
     return (
         f"the {distribution} plugin provides it and is installed but not loaded: it failed "
-        "to load, or QATCORE_BLOCK_PLUGINS or QATCORE_DISABLE_PLUGIN_AUTOLOAD skipped it; "
-        "run `qatcore plugins` to see which"
+        "to load, it reported a missing requirement, or QATCORE_BLOCK_PLUGINS or "
+        "QATCORE_DISABLE_PLUGIN_AUTOLOAD skipped it; run `qatcore plugins` to see which"
     )
 
 

@@ -186,6 +186,25 @@ def test_plugins_reports_failure_exit_1(capsys: pytest.CaptureFixture[str]) -> N
     assert "Traceback" not in captured.err
 
 
+class UnavailablePlugin:
+    @qatcore.hookimpl
+    def qatcore_register_kernels(self, registry: qatcore.Registry) -> None:
+        raise qatcore.PluginUnavailable("no GPU device was found")
+
+
+@pytest.mark.usefixtures("fresh_plugin_manager")
+def test_plugins_reports_skip_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    qatcore.register_plugin(UnavailablePlugin(), name="gpu")
+
+    code = main(["plugins"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert "skipped, because a requirement is missing:" in lines
+    assert "  plugin 'gpu' is unavailable: no GPU device was found" in lines
+    assert "failed to load:" not in lines
+
+
 @pytest.mark.usefixtures("fresh_plugin_manager")
 def test_plugins_strict_failure_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

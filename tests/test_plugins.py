@@ -101,6 +101,49 @@ FAILING_REGISTRATION_SOURCE = """\
         raise RuntimeError("qatcore_halfway fails while registering on purpose")
     """
 
+# Plugins whose requirement is missing: one raises PluginUnavailable at import,
+# the other in its kernel hook, after its observer hook registered an observer.
+UNAVAILABLE_AT_IMPORT_SOURCE = """\
+    from qatcore import PluginUnavailable
+
+    raise PluginUnavailable("needs the imaginary accelerator library")
+    """
+
+UNAVAILABLE_IN_HOOK_SOURCE = """\
+    from torch import nn
+
+    from qatcore import PluginUnavailable, hookimpl
+
+
+    def _factory(spec, channels, **options):
+        return nn.Identity()
+
+
+    @hookimpl
+    def qatcore_register_observers(registry):
+        registry.register_observer("gpu_minmax", _factory)
+
+
+    @hookimpl
+    def qatcore_register_kernels(registry):
+        raise PluginUnavailable("no GPU device was found")
+    """
+
+UNAVAILABLE_SITE = [
+    {
+        "name": "qatcore-accelerator",
+        "version": "0.2.0",
+        "entry_points": {"accelerator": "qatcore_accelerator"},
+        "modules": {"qatcore_accelerator": UNAVAILABLE_AT_IMPORT_SOURCE},
+    },
+    {
+        "name": "qatcore-gpu",
+        "version": "1.3.0",
+        "entry_points": {"gpu": "qatcore_gpu"},
+        "modules": {"qatcore_gpu": UNAVAILABLE_IN_HOOK_SOURCE},
+    },
+]
+
 BROKEN_DISTRIBUTION = {
     "name": "qatcore-broken",
     "version": "3.1.4",
@@ -326,6 +369,83 @@ def test_strict_manager_raises_on_failing_hook() -> None:
             manager.registry  # noqa: B018
 
 
+class UnavailablePlugin:
+    """Registers an observer, then finds its requirement missing in the kernel hook."""
+
+    @qatcore.hookimpl
+    def qatcore_register_observers(self, registry: qatcore.Registry) -> None:
+        registry.register_observer("gpu_minmax", _identity_observer)
+
+    @qatcore.hookimpl
+    def qatcore_register_kernels(self, registry: qatcore.Registry) -> None:
+        raise qatcore.PluginUnavailable("no GPU device was found")
+
+
+def skips_of(manager: PluginManager, name: str) -> list[qatcore._plugins.PluginSkip]:
+    """Return the skips of plugin ``name``; installed plugins may report skips of their own."""
+    return [skip for skip in manager.skipped() if skip.name == name]
+
+
+def test_unavailable_plugin_reported_as_skipped(fresh_plugin_manager: PluginManager) -> None:
+    qatcore.register_plugin(UnavailablePlugin(), name="gpu")
+
+    skipped = skips_of(fresh_plugin_manager, "gpu")
+
+    assert skipped == [
+        qatcore._plugins.PluginSkip("gpu", None, None, "register", "no GPU device was found")
+    ]
+    assert skipped[0].describe() == "plugin 'gpu' is unavailable: no GPU device was found"
+    assert "gpu" not in {failure.name for failure in fresh_plugin_manager.failures()}
+
+
+def test_unavailable_plugin_registers_nothing(fresh_plugin_manager: PluginManager) -> None:
+    qatcore.register_plugin(UnavailablePlugin(), name="gpu")
+
+    assert "gpu_minmax" not in fresh_plugin_manager.registry.observers
+    assert "gpu" not in {info.name for info in fresh_plugin_manager.plugins()}
+
+
+def test_unavailable_plugin_skip_recorded_once(fresh_plugin_manager: PluginManager) -> None:
+    qatcore.register_plugin(UnavailablePlugin(), name="gpu")
+    fresh_plugin_manager.skipped()
+
+    # Registering another plugin rebuilds the registry, which calls the hook again.
+    qatcore.register_plugin(ExtraObserverPlugin(), name="extra")
+
+    assert len(skips_of(fresh_plugin_manager, "gpu")) == 1
+    assert "extra_minmax" in fresh_plugin_manager.registry.observers
+
+
+def test_unregister_forgets_skip(fresh_plugin_manager: PluginManager) -> None:
+    qatcore.register_plugin(UnavailablePlugin(), name="gpu")
+    assert skips_of(fresh_plugin_manager, "gpu") != []
+
+    qatcore.unregister_plugin("gpu")
+
+    assert skips_of(fresh_plugin_manager, "gpu") == []
+
+
+def test_strict_manager_skips_unavailable_plugin() -> None:
+    manager = PluginManager(strict=True)
+    manager.register(UnavailablePlugin(), name="gpu")
+
+    assert len(skips_of(manager, "gpu")) == 1
+    assert "gpu" not in {failure.name for failure in manager.failures()}
+
+
+def test_unavailable_plugin_not_logged_as_warning(
+    fresh_plugin_manager: PluginManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    qatcore.register_plugin(UnavailablePlugin(), name="gpu")
+
+    with caplog.at_level("DEBUG", logger="qatcore._plugins"):
+        fresh_plugin_manager.skipped()
+
+    records = [record for record in caplog.records if "'gpu'" in record.getMessage()]
+    assert [record.levelname for record in records] == ["DEBUG"]
+    assert "no GPU device was found" in records[0].getMessage()
+
+
 # -- qatcore.register_module ---------------------------------------------------------
 
 
@@ -521,6 +641,56 @@ def test_strict_every_lookup_raises(strict_report: dict[str, Any]) -> None:
     assert error is not None, f"the second lookup returned {strict_report['second_lookup']}"
     assert error["type"] == "PluginError"
     assert error["plugin"] == "broken"
+
+
+@pytest.fixture(scope="module")
+def unavailable_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    site = tmp_path_factory.mktemp("unavailable-site")
+    for distribution in UNAVAILABLE_SITE:
+        install_distribution(site, **distribution)
+    workdir = tmp_path_factory.mktemp("workdir")
+    # Strict mode is on: a skip must not raise there either.
+    return run_scenario("unavailable_site", workdir, site=site, env={ENV_STRICT: "1"})
+
+
+def skip_named(report: dict[str, Any], name: str) -> dict[str, Any]:
+    assert report["skipped"]["error"] is None, report["skipped"]["error"]
+    skipped = {skip["name"]: skip for skip in report["skipped"]["value"]}
+    assert name in skipped, f"no skip reported for {name!r}: {report['skipped']}"
+    return skipped[name]
+
+
+def test_unavailable_at_import_reported(unavailable_report: dict[str, Any]) -> None:
+    skip = skip_named(unavailable_report, "accelerator")
+
+    assert skip["distribution"] == "qatcore-accelerator"
+    assert skip["version"] == "0.2.0"
+    assert skip["stage"] == "import"
+    assert skip["reason"] == "needs the imaginary accelerator library"
+    assert "accelerator" not in unavailable_report["names"]
+
+
+def test_unavailable_in_hook_reported(unavailable_report: dict[str, Any]) -> None:
+    skip = skip_named(unavailable_report, "gpu")
+
+    assert skip["distribution"] == "qatcore-gpu"
+    assert skip["version"] == "1.3.0"
+    assert skip["stage"] == "register"
+    assert skip["description"] == (
+        "plugin 'gpu' from qatcore-gpu 1.3.0 is unavailable: no GPU device was found"
+    )
+    assert "'gpu_minmax'" not in unavailable_report["observers"]
+    assert "gpu" not in unavailable_report["plugins"]
+
+
+def test_unavailable_is_no_failure(unavailable_report: dict[str, Any]) -> None:
+    failed = {failure["name"] for failure in unavailable_report["failures"]}
+
+    assert not failed & {"accelerator", "gpu"}
+    assert [record for record in unavailable_report["log"] if "'gpu'" in record["message"]] == []
+    assert [
+        record for record in unavailable_report["log"] if "'accelerator'" in record["message"]
+    ] == []
 
 
 @pytest.fixture(scope="module")

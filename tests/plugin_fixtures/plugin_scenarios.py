@@ -55,6 +55,20 @@ def _failures(manager: qatcore.PluginManager) -> list[dict[str, Any]]:
     ]
 
 
+def _skipped(manager: qatcore.PluginManager) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": skip.name,
+            "distribution": skip.distribution,
+            "version": skip.version,
+            "stage": skip.stage,
+            "reason": skip.reason,
+            "description": skip.describe(),
+        }
+        for skip in manager.skipped()
+    ]
+
+
 def _plugins(manager: qatcore.PluginManager) -> dict[str, dict[str, Any]]:
     return {
         info.name: {
@@ -114,6 +128,22 @@ def broken_site() -> dict[str, Any]:
         "observers": _entry_plugins(manager, "observers"),
         "qconfigs": _entry_plugins(manager, "qconfigs"),
         "swap": _outcome(_swap_conv2d_with_x86),
+        "log": handler.records,
+    }
+
+
+def unavailable_site() -> dict[str, Any]:
+    """Load plugins that report a missing requirement at import and in a hook."""
+    handler = _LogRecords()
+    logging.getLogger("qatcore").addHandler(handler)
+    manager = qatcore.plugin_manager()
+
+    return {
+        "skipped": _outcome(lambda: _skipped(manager)),
+        "failures": _failures(manager),
+        "plugins": _plugins(manager),
+        "names": manager.names(),
+        "observers": _entry_plugins(manager, "observers"),
         "log": handler.records,
     }
 
@@ -191,6 +221,7 @@ def autoload_disabled() -> dict[str, Any]:
 SCENARIOS = {
     "broken_site": broken_site,
     "strict": strict,
+    "unavailable_site": unavailable_site,
     "blocked": blocked,
     "autoload_disabled": autoload_disabled,
 }
