@@ -13,6 +13,7 @@ from qatcore._api import (
     register_kernel,
     register_module,
     register_observer,
+    register_observing_kernel,
     register_plugin,
     unregister_plugin,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "register_kernel",
     "register_module",
     "register_observer",
+    "register_observing_kernel",
     "register_plugin",
     "set_observer_sync",
     "swap_modules",

@@ -9,12 +9,13 @@ from torch import nn
 
 from qatcore._config import QConfig
 from qatcore._plugins import plugin_manager
-from qatcore._registry import Kernel, ObserverFactory
+from qatcore._registry import Kernel, ObserverFactory, ObservingKernel
 
 __all__ = [
     "get_qconfig",
     "register_fusion",
     "register_kernel",
+    "register_observing_kernel",
     "register_module",
     "register_observer",
     "register_plugin",
@@ -95,6 +96,19 @@ def register_kernel(
     plugin_manager().register_user(
         "kernel", name, device_type, kernel, learnable=learnable, override=override
     )
+
+
+def register_observing_kernel(
+    name: str, device_type: str, kernel: ObservingKernel, *, override: bool = False
+) -> None:
+    """Let ``kernel`` run the training step of ``QuantSpec(kernel=name)`` on ``device_type``.
+
+    See :meth:`Registry.register_observing_kernel`.
+
+    Raises:
+        RegistryError: The pair is taken and ``override`` is false.
+    """
+    plugin_manager().register_user("observing_kernel", name, device_type, kernel, override=override)
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:

@@ -16,7 +16,7 @@ from qatcore._reference import (
     fake_quantize_learnable_reference,
     fake_quantize_reference,
 )
-from qatcore._registry import Kernel
+from qatcore._registry import Kernel, ObservingKernel
 
 __all__ = ["FakeQuantize", "resolve_kernel"]
 
@@ -163,8 +163,26 @@ class FakeQuantize(Float32Buffers):
             numel //= max(x.shape[self.spec.axis], 1)
         return 1.0 / math.sqrt(max(numel, 1) * self.quant_max)
 
+    def observing_kernel(self, device_type: str) -> ObservingKernel | None:
+        """Return the kernel that runs this module's training step on ``device_type``, if any.
+
+        See :meth:`Registry.register_observing_kernel`. Learnable specs and
+        compiled graphs have none. The lookup runs once per device type.
+        """
+        if self.spec.learnable or torch.compiler.is_compiling():
+            return None
+        cache = self.__dict__.setdefault("_observing_kernels", {})
+        if device_type not in cache:
+            table = plugin_manager().registry.observing_kernels
+            cache[device_type] = table.get((self.spec.kernel, device_type))
+        return cache[device_type]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled and self.training:
+            fused = self.observing_kernel(x.device.type) if self.fake_quant_enabled else None
+            out = fused(x, self) if fused is not None else None
+            if out is not None:
+                return out
             self.observer(x.detach())
             scale, zero_point = self.observer.calculate_qparams()
             # The qparams are parameters when learnable; writing the
@@ -206,6 +224,7 @@ class FakeQuantize(Float32Buffers):
         # Kernels are looked up again after unpickling, in the new process's registry.
         state = self.__dict__.copy()
         state["_kernels"] = {}
+        state.pop("_observing_kernels", None)
         return state
 
     def extra_repr(self) -> str:

@@ -12,9 +12,18 @@ from torch import nn
 
 if TYPE_CHECKING:
     from qatcore._config import QConfig, QuantSpec
+    from qatcore._fake_quantize import FakeQuantize
     from qatcore._observer import Observer
 
-__all__ = ["Entry", "Kernel", "ObserverFactory", "Registry", "RegistryError", "Table"]
+__all__ = [
+    "Entry",
+    "Kernel",
+    "ObserverFactory",
+    "ObservingKernel",
+    "Registry",
+    "RegistryError",
+    "Table",
+]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -24,6 +33,10 @@ Kernel = Callable[..., torch.Tensor]
 
 A learnable kernel takes ``grad_factor`` as a seventh argument and also
 returns gradients for the scale and zero point."""
+
+ObservingKernel = Callable[[torch.Tensor, "FakeQuantize"], "torch.Tensor | None"]
+"""A kernel for a FakeQuantize's training step: ``kernel(x, fake_quantize)``, see
+:meth:`Registry.register_observing_kernel`."""
 
 ObserverFactory = Callable[..., "Observer"]
 """Build an observer: ``factory(spec, channels, **spec.observer_options)``."""
@@ -62,8 +75,9 @@ _PROVIDERS: dict[str, dict[object, str]] = {
         "moving_average_minmax": "qatcore-observers",
         "histogram": "qatcore-observers",
     },
-    "kernel": {("default", "cpu"): "qatcore-cpu"},
+    "kernel": {("default", "cpu"): "qatcore-cpu", ("default", "cuda"): "qatcore-cuda"},
     "learnable kernel": {("default", "cpu"): "qatcore-cpu"},
+    "observing kernel": {("default", "cpu"): "qatcore-cpu"},
     "qconfig": {"x86": "qatcore-x86"},
 }
 
@@ -250,6 +264,8 @@ class Registry:
         kernels: ``(kernel name, device type)`` to fake-quant kernel.
         learnable_kernels: ``(kernel name, device type)`` to learnable
             fake-quant kernel, for specs with ``learnable=True``.
+        observing_kernels: ``(kernel name, device type)`` to a kernel that
+            runs a :class:`FakeQuantize`'s whole training step.
         qconfigs: Preset name to :class:`QConfig`.
     """
 
@@ -260,6 +276,9 @@ class Registry:
         self.observers: Table[str, ObserverFactory] = Table("observer")
         self.kernels: Table[tuple[str, str], Kernel] = Table("kernel")
         self.learnable_kernels: Table[tuple[str, str], Kernel] = Table("learnable kernel")
+        self.observing_kernels: Table[tuple[str, str], ObservingKernel] = Table(
+            "observing kernel"
+        )
         self.qconfigs: Table[str, QConfig] = Table("qconfig")
 
     def tables(self) -> dict[str, Table[Any, Any]]:
@@ -270,6 +289,7 @@ class Registry:
             "observers": self.observers,
             "kernels": self.kernels,
             "learnable_kernels": self.learnable_kernels,
+            "observing_kernels": self.observing_kernels,
             "qconfigs": self.qconfigs,
         }
 
@@ -371,6 +391,39 @@ class Registry:
             )
         table = self.learnable_kernels if learnable else self.kernels
         table.add((name, device_type), kernel, plugin=self.plugin, override=override)
+
+    def register_observing_kernel(
+        self, name: str, device_type: str, kernel: ObservingKernel, *, override: bool = False
+    ) -> None:
+        """Let ``kernel`` run the training step of ``QuantSpec(kernel=name)`` on ``device_type``.
+
+        In training mode with its observer and fake quantization enabled, a
+        non-learnable :class:`FakeQuantize` calls ``kernel(x, fake_quantize)``
+        in place of its three steps: observe ``x``, compute the qparams,
+        fake-quantize ``x``. The kernel returns the fake-quantized ``x`` and
+        leaves the observer's buffers and the module's ``scale`` and
+        ``zero_point`` exactly as the three steps would. For an observer,
+        spec or input it does not handle it returns ``None``, and the module
+        runs the three steps. It is never called while a graph is compiled.
+        A plain kernel of the same name and device type, registered with
+        :meth:`register_kernel`, serves eval mode and the declined steps.
+
+        Raises:
+            RegistryError: ``kernel`` is not callable, ``name`` is
+                ``"reference"``, or the pair is taken.
+        """
+        _check_name("kernel name", name)
+        _check_device_type(device_type)
+        if not callable(kernel):
+            raise RegistryError(f"observing kernel {name!r} for {device_type!r} must be callable")
+        if name == "reference":
+            raise RegistryError(
+                "the kernel name 'reference' is the core's reference kernel and cannot be "
+                "registered; register under 'default' or a name of your own"
+            )
+        self.observing_kernels.add(
+            (name, device_type), kernel, plugin=self.plugin, override=override
+        )
 
     def register_qconfig(self, name: str, qconfig: QConfig, *, override: bool = False) -> None:
         """Make ``qconfig`` available as ``qatcore.get_qconfig(name)``.

@@ -106,6 +106,17 @@ REGISTRATIONS = [
         id="kernel",
     ),
     pytest.param(
+        "observing_kernels",
+        ("fast", "cpu"),
+        lambda registry, **kw: registry.register_observing_kernel("fast", "cpu", kernel, **kw),
+        lambda registry, **kw: registry.register_observing_kernel(
+            "fast", "cpu", other_kernel, **kw
+        ),
+        kernel,
+        other_kernel,
+        id="observing-kernel",
+    ),
+    pytest.param(
         "qconfigs",
         "custom",
         lambda registry, **kw: registry.register_qconfig("custom", QCONFIG, **kw),
@@ -257,6 +268,16 @@ INVALID_REGISTRATIONS = [
         lambda registry: registry.register_kernel("fast", torch.device("cpu"), kernel),
         r"device type must be a non-empty str.*, got device\(type='cpu'\)",
         id="kernel-device-object",
+    ),
+    pytest.param(
+        lambda registry: registry.register_observing_kernel("fast", "cpu", "kernel"),
+        r"observing kernel 'fast' for 'cpu' must be callable",
+        id="observing-kernel-not-callable",
+    ),
+    pytest.param(
+        lambda registry: registry.register_observing_kernel("reference", "cpu", kernel),
+        r"'reference' is the core's reference kernel and cannot be registered",
+        id="observing-kernel-reference-name",
     ),
     pytest.param(
         lambda registry: registry.register_qconfig("custom", QuantSpec()),

@@ -280,6 +280,182 @@ static PyObject *native_masked_gradient(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- observing ----------------------------------------------------------------------- */
+
+/* Fold the finite values of x[0, n) into *lo and *hi, and return 1 when one
+ * was NaN or infinite. Sixteen independent lanes, each a min, a max and a
+ * flag, keep the loop free of branches, so that the compiler vectorizes it.
+ * A non-finite value enters a lane as +inf for the min and -inf for the
+ * max, which changes neither. */
+#define RANGE_LANES 16
+QATCORE_CLONES static int range_run_f32(const float *x, int64_t n, float *lo, float *hi) {
+    float lows[RANGE_LANES], highs[RANGE_LANES];
+    int32_t bad[RANGE_LANES];
+    for (int k = 0; k < RANGE_LANES; k++) {
+        lows[k] = *lo;
+        highs[k] = *hi;
+        bad[k] = 0;
+    }
+    int64_t i = 0;
+    for (; i + RANGE_LANES <= n; i += RANGE_LANES) {
+        for (int k = 0; k < RANGE_LANES; k++) {
+            float v = x[i + k];
+            int32_t finite = fabsf(v) <= FLT_MAX;
+            float low = finite ? v : INFINITY;
+            float high = finite ? v : -INFINITY;
+            lows[k] = low < lows[k] ? low : lows[k];
+            highs[k] = high > highs[k] ? high : highs[k];
+            bad[k] |= !finite;
+        }
+    }
+    for (; i < n; i++) {
+        float v = x[i];
+        int32_t finite = fabsf(v) <= FLT_MAX;
+        if (finite) {
+            lows[0] = v < lows[0] ? v : lows[0];
+            highs[0] = v > highs[0] ? v : highs[0];
+        }
+        bad[0] |= !finite;
+    }
+    int any_bad = 0;
+    for (int k = 0; k < RANGE_LANES; k++) {
+        *lo = lows[k] < *lo ? lows[k] : *lo;
+        *hi = highs[k] > *hi ? highs[k] : *hi;
+        any_bad |= bad[k];
+    }
+    return any_bad;
+}
+
+static PyObject *native_finite_range(PyObject *self, PyObject *args) {
+    long long channels, inner, start, stop;
+    unsigned long long x, lows, highs;
+    if (!PyArg_ParseTuple(args, "KLLLLKK", &x, &channels, &inner, &start, &stop, &lows, &highs))
+        return NULL;
+    if (channels < 1 || inner < 1 || start < 0 || stop < start) {
+        PyErr_Format(PyExc_ValueError,
+                     "invalid layout: channels=%lld, inner=%lld, start=%lld, stop=%lld", channels,
+                     inner, start, stop);
+        return NULL;
+    }
+
+    int any_bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const float *xs = (const float *)(uintptr_t)x;
+    float *lo = (float *)(uintptr_t)lows;
+    float *hi = (float *)(uintptr_t)highs;
+    int64_t first = start;
+    while (first < stop) {
+        int64_t row = first / inner;
+        int64_t end = (row + 1) * inner;
+        if (end > stop) end = stop;
+        int64_t channel = row % channels;
+        any_bad |= range_run_f32(xs + first, end - first, lo + channel, hi + channel);
+        first = end;
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(any_bad);
+}
+
+/* torch.minimum and torch.maximum of two values that are not NaN. */
+static float minimum_f32(float a, float b) { return b < a ? b : a; }
+static float maximum_f32(float a, float b) { return b > a ? b : a; }
+
+/* qatcore's _power_of_two: round a scale up to a power of two, at most 2**127. */
+static float power_of_two_f32(float scale) {
+    int exponent;
+    float mantissa = frexpf(scale, &exponent);
+    float rounded = mantissa == 0.5f ? scale : ldexpf(1.0f, exponent);
+    float limit = ldexpf(1.0f, 127);
+    return rounded > limit ? limit : rounded;
+}
+
+typedef struct {
+    int moving_average, symmetric, is_signed, power_of_two;
+    float averaging_constant, quant_min, quant_max;
+} ObserverRule;
+
+/* One channel's observer update and qparams, in float32, as RangeObserver.forward,
+ * the observer's update and qatcore.qparams_from_min_max compute them with ATen. */
+static void observe_channel(const ObserverRule *rule, float batch_min, float batch_max,
+                            float *min_val, float *max_val, float *scale_out,
+                            int32_t *zero_point_out) {
+    float low = *min_val, high = *max_val;
+    if (batch_min <= batch_max) {
+        if (rule->moving_average) {
+            int observed = low <= high;
+            float moved_min = low + rule->averaging_constant * (batch_min - low);
+            float moved_max = high + rule->averaging_constant * (batch_max - high);
+            low = observed ? moved_min : batch_min;
+            high = observed ? moved_max : batch_max;
+        } else {
+            low = minimum_f32(low, batch_min);
+            high = maximum_f32(high, batch_max);
+        }
+    }
+    *min_val = low;
+    *max_val = high;
+
+    float min_neg = minimum_f32(low, 0.0f);
+    float max_pos = maximum_f32(high, 0.0f);
+    float levels = rule->quant_max - rule->quant_min;
+    float scale, zero_point;
+    if (rule->symmetric) {
+        float amax = maximum_f32(-min_neg, max_pos);
+        scale = amax / (float)((double)levels / 2.0);
+        zero_point = rule->is_signed ? 0.0f
+                                     : (float)(((int64_t)rule->quant_min + (int64_t)rule->quant_max + 1) / 2);
+    } else {
+        scale = (max_pos - min_neg) / levels;
+        if (!(fabsf(scale) <= FLT_MAX)) scale = max_pos / levels - min_neg / levels;
+        scale = scale < FLT_EPSILON ? FLT_EPSILON : scale;
+        if (rule->power_of_two) scale = power_of_two_f32(scale);
+        zero_point = rule->quant_min - nearbyintf(min_neg / scale);
+        zero_point = CLAMP(zero_point, rule->quant_min, rule->quant_max);
+    }
+    scale = scale < FLT_EPSILON ? FLT_EPSILON : scale;
+    if (rule->power_of_two) scale = power_of_two_f32(scale);
+
+    if (!(low <= high)) {
+        scale = 1.0f;
+        zero_point = 0.0f;
+    }
+    *scale_out = scale;
+    *zero_point_out = (int32_t)zero_point;
+}
+
+static PyObject *native_observe(PyObject *self, PyObject *args) {
+    long long channels, parts;
+    unsigned long long lows, highs, min_val, max_val, scale, zero_point;
+    ObserverRule rule;
+    double averaging_constant, quant_min, quant_max;
+    if (!PyArg_ParseTuple(args, "KKLLKKKKiidiidd", &lows, &highs, &channels, &parts, &min_val,
+                          &max_val, &scale, &zero_point, &rule.moving_average, &rule.symmetric,
+                          &averaging_constant, &rule.is_signed, &rule.power_of_two, &quant_min,
+                          &quant_max))
+        return NULL;
+    if (channels < 1 || parts < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: channels=%lld, parts=%lld", channels, parts);
+        return NULL;
+    }
+    rule.averaging_constant = (float)averaging_constant;
+    rule.quant_min = (float)quant_min;
+    rule.quant_max = (float)quant_max;
+
+    const float *lo = (const float *)(uintptr_t)lows;
+    const float *hi = (const float *)(uintptr_t)highs;
+    for (int64_t c = 0; c < channels; c++) {
+        float batch_min = lo[c], batch_max = hi[c];
+        for (int64_t part = 1; part < parts; part++) {
+            batch_min = minimum_f32(batch_min, lo[part * channels + c]);
+            batch_max = maximum_f32(batch_max, hi[part * channels + c]);
+        }
+        observe_channel(&rule, batch_min, batch_max, (float *)(uintptr_t)min_val + c,
+                        (float *)(uintptr_t)max_val + c, (float *)(uintptr_t)scale + c,
+                        (int32_t *)(uintptr_t)zero_point + c);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef native_methods[] = {
     {"forward", native_forward, METH_VARARGS,
      "forward(kind, x, out, inside, channels, inner, start, stop, scales, zero_points, "
@@ -294,6 +470,15 @@ static PyMethodDef native_methods[] = {
     {"masked_gradient", native_masked_gradient, METH_VARARGS,
      "masked_gradient(kind, grad, inside, out, start, stop)\n\nWrite grad * inside into out for "
      "elements [start, stop)."},
+    {"finite_range", native_finite_range, METH_VARARGS,
+     "finite_range(x, channels, inner, start, stop, lows, highs)\n\nFold the finite values of "
+     "float32 elements [start, stop) into the per-channel float32 minimums lows and maximums "
+     "highs, and return whether any value was NaN or infinite."},
+    {"observe", native_observe, METH_VARARGS,
+     "observe(lows, highs, channels, parts, min_val, max_val, scale, zero_point, moving_average, "
+     "symmetric, averaging_constant, signed, power_of_two, quant_min, quant_max)\n\nCombine "
+     "parts rows of per-channel batch ranges, update the observer's range and write its float32 "
+     "scales and int32 zero points."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,11 +22,14 @@ import torch
 __all__ = [
     "DTYPES",
     "Layout",
+    "RangeParts",
     "ZERO_POINT_DTYPES",
     "available",
+    "finite_range",
     "forward",
     "input_gradient",
     "masked_gradient",
+    "observe",
     "status",
 ]
 
@@ -118,9 +121,15 @@ class _Pool:
 _POOL = _Pool()
 
 
-def _split(numel: int, run: Callable[[int, int], int]) -> int:
-    """Call ``run(start, stop)`` over ``[0, numel)`` in one range per thread; return the sum."""
-    threads = min(torch.get_num_threads(), max(1, numel // MIN_ELEMENTS_PER_THREAD))
+def _split(numel: int, run: Callable[[int, int], int], *, threads: int | None = None) -> int:
+    """Call ``run(start, stop)`` over ``[0, numel)`` in one range per thread; return the sum.
+
+    ``threads`` defaults to one per intra-op thread of torch, fewer for a
+    small tensor. Fewer ranges than threads come out when the alignment
+    rounds the range size up.
+    """
+    if threads is None:
+        threads = min(torch.get_num_threads(), max(1, numel // MIN_ELEMENTS_PER_THREAD))
     if threads <= 1:
         return run(0, numel)
     step = -(-numel // threads)
@@ -202,3 +211,79 @@ def masked_gradient(grad: torch.Tensor, inside: torch.Tensor, out: torch.Tensor)
         return 0
 
     _split(grad.numel(), run)
+
+
+class RangeParts(NamedTuple):
+    """Per-channel minimums and maximums of the finite values, one row per range of a tensor."""
+
+    lows: torch.Tensor
+    highs: torch.Tensor
+    nonfinite: bool
+
+
+def finite_range(x: torch.Tensor, channels: int, inner: int) -> RangeParts:
+    """Return the finite range of each channel of dense float32 ``x``, one row per thread's range.
+
+    ``x`` is seen in memory order as ``(outer, channels, inner)``. A row
+    where a channel has no finite value keeps ``+inf`` and ``-inf`` there.
+    """
+    numel = x.numel()
+    threads = min(torch.get_num_threads(), max(1, numel // MIN_ELEMENTS_PER_THREAD))
+    lows = torch.full((threads, channels), float("inf"))
+    highs = torch.full((threads, channels), float("-inf"))
+    pointer = x.data_ptr()
+    rows = iter(range(threads))
+    row_lock = threading.Lock()
+
+    def run(start: int, stop: int) -> int:
+        with row_lock:
+            row = next(rows)
+        return int(
+            _native.finite_range(
+                pointer, channels, inner, start, stop, lows[row].data_ptr(), highs[row].data_ptr()
+            )
+        )
+
+    nonfinite = _split(numel, run, threads=threads) > 0
+    return RangeParts(lows, highs, nonfinite)
+
+
+def observe(
+    parts: RangeParts,
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    *,
+    averaging_constant: float | None,
+    symmetric: bool,
+    signed: bool,
+    power_of_two: bool,
+    quant_min: int,
+    quant_max: int,
+) -> None:
+    """Fold ``parts`` into a range observer's ``min_val`` and ``max_val``, and write the qparams.
+
+    ``averaging_constant`` is ``None`` for a running min and max, else the
+    moving average's weight of the batch. The float32 buffers ``min_val``,
+    ``max_val`` and ``scale`` and the int32 ``zero_point`` are contiguous,
+    with one value per channel.
+    """
+    rows, channels = parts.lows.shape
+    _native.observe(
+        parts.lows.data_ptr(),
+        parts.highs.data_ptr(),
+        channels,
+        rows,
+        min_val.data_ptr(),
+        max_val.data_ptr(),
+        scale.data_ptr(),
+        zero_point.data_ptr(),
+        int(averaging_constant is not None),
+        int(symmetric),
+        1.0 if averaging_constant is None else averaging_constant,
+        int(signed),
+        int(power_of_two),
+        quant_min,
+        quant_max,
+    )
