@@ -57,7 +57,7 @@ def _usage_error(message: str) -> CommandError:
 def _describe_registration(table: str, key: object) -> str:
     if isinstance(key, str):
         return key
-    if table in ("kernels", "learnable_kernels") and isinstance(key, tuple):
+    if table in ("kernels", "learnable_kernels", "observing_kernels") and isinstance(key, tuple):
         name, device_type = key
         return f"{name} ({device_type})"
     return describe_key(key)
@@ -70,14 +70,8 @@ def _plugin_rows() -> list[tuple[str, str, str, list[str]]]:
             f"{table}: " + ", ".join(_describe_registration(table, key) for key in keys)
             for table, keys in info.registrations.items()
         ]
-        rows.append(
-            (
-                info.name,
-                info.distribution or "(in-process)",
-                info.version or "-",
-                registered or ["nothing"],
-            )
-        )
+        lines = (registered or ["nothing"]) + [f"note: {note}" for note in info.notes]
+        rows.append((info.name, info.distribution or "(in-process)", info.version or "-", lines))
     return rows
 
 

@@ -61,8 +61,10 @@ def qatcore_register_observers(registry: Registry) -> None:
 def qatcore_register_kernels(registry: Registry) -> None:
     """Register fake-quant kernels by kernel name and device type.
 
-    Call :meth:`Registry.register_kernel`. A kernel must match the
-    reference kernel bit for bit, outputs and gradients alike.
+    Call :meth:`Registry.register_kernel`, and
+    :meth:`Registry.register_observing_kernel` for a kernel that takes a
+    FakeQuantize's whole training step. A kernel must match the reference
+    kernel bit for bit, outputs and gradients alike.
 
     :param registry: The registry view of the calling plugin.
 
@@ -78,6 +80,19 @@ def qatcore_register_qconfigs(registry: Registry) -> None:
     :func:`qatcore.get_qconfig` looks up.
 
     :param registry: The registry view of the calling plugin.
+
+    Added in 0.1.
+    """
+
+
+@hookspec
+def qatcore_plugin_notes() -> list[str]:
+    """Return facts about the plugin on this machine for ``qatcore plugins`` to print.
+
+    A note says what a user would otherwise miss, such as an optional
+    speed-up that is not built, with the reason and the fix. A plugin that
+    cannot run at all raises :class:`qatcore.PluginUnavailable` from its
+    registration hook instead.
 
     Added in 0.1.
     """

@@ -84,12 +84,17 @@ class PluginUnavailable(Exception):
 
 @attrs.frozen
 class PluginInfo:
-    """A loaded plugin: its name, where it came from, and what it registered."""
+    """A loaded plugin: its name, where it came from, what it registered, and its notes.
+
+    ``notes`` are the lines its ``qatcore_plugin_notes`` hook returned, or
+    one line naming the error that hook raised.
+    """
 
     name: str
     distribution: str | None
     version: str | None
     registrations: dict[str, list[object]]
+    notes: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -373,9 +378,27 @@ class PluginManager:
                 continue
             source = self._sources.get(name, _Source())
             infos.append(
-                PluginInfo(name, source.distribution, source.version, registry.registrations(name))
+                PluginInfo(
+                    name,
+                    source.distribution,
+                    source.version,
+                    registry.registrations(name),
+                    self._notes(name),
+                )
             )
         return infos
+
+    def _notes(self, name: str) -> list[str]:
+        notes: list[str] = []
+        for hook in self._pm.hook.qatcore_plugin_notes.get_hookimpls():
+            if hook.plugin_name != name:
+                continue
+            try:
+                notes.extend(str(note) for note in hook.function())
+            except Exception as error:  # a broken note must not hide the plugin list
+                logger.debug("notes hook of plugin %r failed", name, exc_info=error)
+                notes.append(f"its qatcore_plugin_notes hook failed: {error!r}")
+        return notes
 
     def failures(self) -> list[PluginFailure]:
         """Return the plugins that failed to import or register, with their errors."""

@@ -205,6 +205,43 @@ def test_plugins_reports_skip_exit_0(capsys: pytest.CaptureFixture[str]) -> None
     assert "failed to load:" not in lines
 
 
+class NotedPlugin:
+    @qatcore.hookimpl
+    def qatcore_register_qconfigs(self, registry: qatcore.Registry) -> None:
+        registry.register_qconfig("noted", qatcore.QConfig(weight=qatcore.QuantSpec()))
+
+    @qatcore.hookimpl
+    def qatcore_plugin_notes(self) -> list[str]:
+        return ["the fast path is not built; reinstall with a C compiler"]
+
+
+class BrokenNotesPlugin:
+    @qatcore.hookimpl
+    def qatcore_plugin_notes(self) -> list[str]:
+        raise OSError("notes failed on purpose")
+
+
+@pytest.mark.usefixtures("fresh_plugin_manager")
+def test_plugins_prints_notes_under_row(capsys: pytest.CaptureFixture[str]) -> None:
+    qatcore.register_plugin(NotedPlugin(), name="noted")
+    qatcore.register_plugin(BrokenNotesPlugin(), name="broken_notes")
+
+    code = main(["plugins"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    noted = next(index for index, line in enumerate(lines) if line.startswith("noted "))
+    assert lines[noted].endswith("qconfigs: noted")
+    assert lines[noted + 1].strip() == (
+        "note: the fast path is not built; reinstall with a C compiler"
+    )
+    broken = next(index for index, line in enumerate(lines) if line.startswith("broken_notes "))
+    assert lines[broken].endswith("nothing")
+    assert lines[broken + 1].strip() == (
+        "note: its qatcore_plugin_notes hook failed: OSError('notes failed on purpose')"
+    )
+
+
 @pytest.mark.usefixtures("fresh_plugin_manager")
 def test_plugins_strict_failure_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

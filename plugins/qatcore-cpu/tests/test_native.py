@@ -159,6 +159,9 @@ def test_missing_extension_falls_back_to_aten() -> None:
         expected = qatcore.fake_quantize_reference(x * 1, scale, zero_point, -8, 7)
         assert torch.equal(out, expected)
         print("identical")
+
+        from qatcore._cli import main
+        main(["plugins"])
         """
     )
     result = subprocess.run(
@@ -166,7 +169,9 @@ def test_missing_extension_falls_back_to_aten() -> None:
     )
 
     assert result.returncode == 0, result.stderr
-    reason, verdict = result.stdout.strip().splitlines()
+    reason, verdict, *plugins_output = result.stdout.strip().splitlines()
     assert "the native loops are not built" in reason
     assert "C compiler" in reason
     assert verdict == "identical"
+    notes = [line.strip() for line in plugins_output if line.strip().startswith("note:")]
+    assert notes == [f"note: {reason}"]
