@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch.fx
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from qatcore._registry import describe_key
 
@@ -38,19 +39,139 @@ class _LeafTracer(torch.fx.Tracer):
         )
 
 
+# Hook attributes whose hooks run when a module is called. Tracing calls
+# each container it enters, so these hooks run on the tracer's proxies.
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_CALL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+# torch.fx recurses through about seven Python frames per container it
+# enters: with torch 2.13 and the default recursion limit of 1000, tracing a
+# conv nested in 142 nn.Sequential containers raises RecursionError.
+_MAX_SEQUENTIAL_DEPTH = 50
+
+
+class _Call:
+    """A node of a :class:`_CallChain`: the attributes of ``torch.fx.Node`` that fusion reads."""
+
+    __slots__ = ("args", "kwargs", "name", "op", "target", "users")
+
+    def __init__(self, op: str, target: str, args: tuple[_Call, ...] = ()) -> None:
+        self.op = op
+        self.target = target
+        self.name = target
+        self.args = args
+        self.kwargs: dict[str, _Call] = {}
+        self.users: dict[_Call, None] = {}
+        for arg in args:
+            arg.users[self] = None
+
+
+class _CallChain:
+    """The graph of a forward that passes its input through modules one after another."""
+
+    def __init__(self) -> None:
+        self.nodes = [_Call("placeholder", "input")]
+
+    def call_module(self, target: str) -> None:
+        """Append a call of the module ``target`` on the output of the previous node."""
+        self.nodes.append(_Call("call_module", target, (self.nodes[-1],)))
+
+    def output(self) -> None:
+        """Append the model's output: the last node's output."""
+        self.nodes.append(_Call("output", "output", (self.nodes[-1],)))
+
+
+def sequential_graph(model: nn.Module) -> _CallChain | None:
+    """Return the nodes that tracing ``model`` records, found without tracing where that is safe.
+
+    ``nn.Sequential.forward`` calls its children in order, each on the
+    previous child's output. In a tree of plain ``nn.Sequential``
+    containers the leaf modules therefore form one chain, and the graph
+    is known from the tree alone. This is far cheaper than tracing, which
+    runs every container's forward on proxies.
+
+    Returns None, so that the caller traces, for any other model. That
+    includes a container with hooks or a ``forward`` of its own, a module
+    registered under two names, a ``None`` child, global module hooks, and
+    nesting deeper than 50 containers, where tracing may hit the recursion
+    limit.
+    """
+    if type(model) is not nn.Sequential:
+        return None
+    # These dicts are private to torch. One that a later torch lacks counts as
+    # containing hooks, so that the model is traced.
+    if any(getattr(torch_module, name, True) for name in _GLOBAL_CALL_HOOKS):
+        return None
+
+    tracer = _LeafTracer()
+    chain = _CallChain()
+    seen: set[int] = set()
+    # (qualified name, module, nesting depth, whether it sits inside a leaf)
+    stack: list[tuple[str, nn.Module, int, bool]] = [("", model, 0, False)]
+    while stack:
+        name, module, depth, in_leaf = stack.pop()
+        if id(module) in seen:
+            return None  # tracing names a module by the first of its names
+        seen.add(id(module))
+        children = [(child_name, child) for child_name, child in module._modules.items()]
+        if in_leaf or (name and tracer.is_leaf_module(module, name)):
+            if not in_leaf:
+                chain.call_module(name)
+            # Modules inside a leaf are never called as nodes; they are
+            # walked only to find a module registered twice.
+            stack.extend((name, child, depth, True) for _, child in children if child is not None)
+            continue
+        if not _calls_children_in_order(module, is_root=not name):
+            return None
+        if depth == _MAX_SEQUENTIAL_DEPTH or any(child is None for _, child in children):
+            return None
+        stack.extend(
+            (f"{name}.{child_name}" if name else child_name, child, depth + 1, False)
+            for child_name, child in reversed(children)
+        )
+    chain.output()
+    return chain
+
+
+def _calls_children_in_order(module: nn.Module, *, is_root: bool) -> bool:
+    """Return whether tracing a call of ``module`` records exactly its children's calls in order."""
+    if type(module) is not nn.Sequential:
+        return False
+    if is_root:
+        return True  # tracing calls the root's class forward directly, without hooks
+    return (
+        not any(getattr(module, kind, None) for kind in _CALL_HOOKS)
+        and "forward" not in module.__dict__
+        and module.__dict__.get("_compiled_call_impl") is None
+    )
+
+
 class TracedModel:
     """A model's forward traced with torch.fx, searched for chains of module calls.
+
+    For a tree of plain ``nn.Sequential`` containers, :func:`sequential_graph`
+    gives the same nodes without tracing.
 
     Raises:
         TraceFailure: torch.fx could not trace the model.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        try:
-            self.graph = _LeafTracer().trace(model)
-        except Exception as error:  # fx raises many types for untraceable code
-            raise TraceFailure(f"{type(error).__name__}: {error}") from None
+        graph: torch.fx.Graph | _CallChain | None = sequential_graph(model)
+        if graph is None:
+            try:
+                graph = _LeafTracer().trace(model)
+            except Exception as error:  # fx raises many types for untraceable code
+                raise TraceFailure(f"{type(error).__name__}: {error}") from None
+        self.graph = graph
         self.model = model
+        # The module of each call_module target met so far, by qualified name.
+        self._modules: dict[str, nn.Module] = {}
         self.calls = Counter(
             str(node.target) for node in self.graph.nodes if node.op == "call_module"
         )
@@ -108,7 +229,11 @@ class TracedModel:
     def _module(self, node: torch.fx.Node) -> nn.Module | None:
         if node.op != "call_module":
             return None
-        return self.model.get_submodule(str(node.target))
+        name = str(node.target)
+        module = self._modules.get(name)
+        if module is None:
+            module = self._modules[name] = self.model.get_submodule(name)
+        return module
 
     def _match(
         self,

@@ -198,6 +198,15 @@ class QATConvNd(QATModule):
     out_channels: int
     _conv_forward: Any
 
+    def reset_parameters(self) -> None:
+        """Initialise the weight and bias as the ``torch.nn`` conv does, unless they are on meta.
+
+        A meta tensor has no values to initialise. :meth:`from_float` builds
+        on the meta device and so skips the work.
+        """
+        if self.weight.device.type != "meta":
+            super().reset_parameters()  # type: ignore[misc]
+
     @classmethod
     def from_float(
         cls, module: nn.Module | tuple[nn.Module, ...], qconfig: QConfig, *, name: str = ""
@@ -221,7 +230,8 @@ class QATConvNd(QATModule):
         qat.weight = conv.weight
         qat.bias = conv.bias
         qat._init_fake_quants(qconfig, where)
-        qat.train(conv.training)
+        if not conv.training:
+            qat.train(False)  # a module is built in training mode
         qat._adopt_members(modules[1:], where)
         return qat
 

@@ -276,9 +276,7 @@ class Registry:
         self.observers: Table[str, ObserverFactory] = Table("observer")
         self.kernels: Table[tuple[str, str], Kernel] = Table("kernel")
         self.learnable_kernels: Table[tuple[str, str], Kernel] = Table("learnable kernel")
-        self.observing_kernels: Table[tuple[str, str], ObservingKernel] = Table(
-            "observing kernel"
-        )
+        self.observing_kernels: Table[tuple[str, str], ObservingKernel] = Table("observing kernel")
         self.qconfigs: Table[str, QConfig] = Table("qconfig")
 
     def tables(self) -> dict[str, Table[Any, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -701,3 +703,139 @@ def test_placeholders_take_the_member_mode(x86: qatcore.QConfig) -> None:
     qat = qatcore.swap_modules(model, x86)
 
     assert not qat[1].training
+
+
+# -- nn.Sequential trees: the call graph built from the tree, without tracing ---
+
+
+def _conv_block() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU())
+
+
+def _node_calls(graph: object) -> list[tuple[str, str, list[str], list[str], dict[str, str]]]:
+    """Return each node's op, target, the targets of its arguments and users, and its kwargs."""
+    return [
+        (
+            node.op,
+            str(node.target),
+            [str(arg.target) for arg in node.args],
+            [str(user.target) for user in node.users],
+            {key: str(value) for key, value in node.kwargs.items()},
+        )
+        for node in graph.nodes  # type: ignore[attr-defined]
+    ]
+
+
+def _sequential_models() -> dict[str, nn.Module]:
+    nested = nn.Sequential(
+        nn.Sequential(nn.Conv2d(2, 2, 1)),
+        nn.Sequential(nn.BatchNorm2d(2), nn.Sequential(nn.ReLU())),
+        nn.Sequential(),
+        nn.Identity(),
+    )
+    torch_leaves = nn.Sequential(
+        nn.Linear(4, 4), nn.TransformerEncoderLayer(4, 2), nn.ModuleList([nn.ReLU()])
+    )
+    return {
+        "blocks": nn.Sequential(*[_conv_block() for _ in range(3)]),
+        "nested": nested,
+        "torch-leaves": torch_leaves,
+        "empty": nn.Sequential(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_sequential_models()))
+def test_sequential_graph_matches_trace(name: str) -> None:
+    from qatcore._graph_fusion import _LeafTracer, sequential_graph
+
+    model = _sequential_models()[name]
+
+    graph = sequential_graph(model)
+
+    assert graph is not None
+    assert _node_calls(graph) == _node_calls(_LeafTracer().trace(model))
+
+
+def _hooked_container() -> nn.Module:
+    model = nn.Sequential(_conv_block(), _conv_block())
+    model[0].register_forward_hook(lambda module, args, output: output * 2)
+    return model
+
+
+def _shared_member() -> nn.Module:
+    relu = nn.ReLU()
+    return nn.Sequential(nn.Sequential(nn.Conv2d(2, 2, 1), relu), relu)
+
+
+def _none_child() -> nn.Module:
+    model = nn.Sequential(_conv_block())
+    model[0].register_module("unused", None)
+    return model
+
+
+def _own_forward() -> nn.Module:
+    model = nn.Sequential(_conv_block(), _conv_block())
+    model[1].forward = lambda x: x  # type: ignore[method-assign]
+    return model
+
+
+def _deep() -> nn.Module:
+    model: nn.Module = _conv_block()
+    for _ in range(60):
+        model = nn.Sequential(model)
+    return model
+
+
+class _Subclass(nn.Sequential):
+    pass
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_hooked_container, _shared_member, _none_child, _own_forward, _deep, BasicBlock],
+    ids=["container-hook", "shared", "none-child", "own-forward", "deep", "custom-root"],
+)
+def test_other_models_need_tracing(build: Callable[[], nn.Module]) -> None:
+    from qatcore._graph_fusion import sequential_graph
+
+    assert sequential_graph(build()) is None
+
+
+def test_sequential_subclass_needs_tracing() -> None:
+    from qatcore._graph_fusion import sequential_graph
+
+    assert sequential_graph(nn.Sequential(_Subclass(nn.Conv2d(2, 2, 1)))) is None
+    assert sequential_graph(_Subclass(nn.Conv2d(2, 2, 1))) is None
+
+
+def test_global_hook_needs_tracing() -> None:
+    from qatcore._graph_fusion import sequential_graph
+
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: out)
+    try:
+        assert sequential_graph(nn.Sequential(_conv_block())) is None
+    finally:
+        handle.remove()
+    assert sequential_graph(nn.Sequential(_conv_block())) is not None
+
+
+def test_container_hook_between_blocks_stops_fusion(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(2, 2, 1)), nn.Sequential(nn.BatchNorm2d(2), nn.ReLU())
+    )
+    model[0].register_forward_hook(lambda module, args, output: output * 2)
+
+    decisions = qatcore.plan(model, x86)
+
+    assert _fused_groups(decisions) == set()
+    assert _swapped(decisions) == {"0.0"}
+
+
+def test_chain_across_containers_fuses(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(2, 2, 1)), nn.Sequential(nn.BatchNorm2d(2), nn.ReLU())
+    )
+
+    decisions = qatcore.plan(model, x86)
+
+    assert _fused_groups(decisions) == {("0.0", "1.0", "1.1")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 
 import pytest
@@ -131,6 +132,91 @@ def test_swap_leaves_caller_model_alone(x86: qatcore.QConfig) -> None:
     assert type(model.image) is nn.Conv2d
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def _conv_bn_relu_blocks(count: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            for _ in range(count)
+        ]
+    )
+    for block in model:
+        block[1].running_mean.uniform_(-1.0, 1.0)
+        block[1].running_var.uniform_(0.5, 2.0)
+        block[1].num_batches_tracked.fill_(7)
+    return model
+
+
+def test_fused_modules_hold_the_float_values(x86: qatcore.QConfig) -> None:
+    model = _conv_bn_relu_blocks(3)
+
+    qat = qatcore.swap_modules(model, x86)
+
+    for block, fused in zip(model, qat):
+        assert type(fused[0]) is qatcore_conv.ConvBnReLU2d
+        assert torch.equal(fused[0].weight, block[0].weight)
+        assert torch.equal(fused[0].bias, block[0].bias)
+        for name, tensor in block[1].state_dict().items():
+            assert torch.equal(fused[0].bn.state_dict()[name], tensor), name
+
+
+def test_swap_shares_no_tensor_with_the_float_model(x86: qatcore.QConfig) -> None:
+    model = _conv_bn_relu_blocks(3)
+    model[0][0].register_forward_hook(lambda module, args, output: output)
+
+    qat = qatcore.swap_modules(model, x86)
+
+    float_tensors = [*model.parameters(), *model.buffers()]
+    qat_tensors = [*qat.parameters(), *qat.buffers()]
+    assert not {id(t) for t in float_tensors}.intersection(id(t) for t in qat_tensors)
+    float_storages = {t.untyped_storage().data_ptr() for t in float_tensors}
+    assert not float_storages.intersection(t.untyped_storage().data_ptr() for t in qat_tensors)
+    assert len(model[0][0]._forward_hooks) == 1
+    assert qat[0][0]._forward_hooks is not model[0][0]._forward_hooks
+
+
+def test_swap_leaves_float_blocks_unchanged(x86: qatcore.QConfig) -> None:
+    model = _conv_bn_relu_blocks(3)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    expected = model.eval()(x)
+    model.train()
+
+    qat = qatcore.swap_modules(model, x86)
+    _train_steps(qat, torch.randn(2, 4, 5, 5))
+
+    assert [type(module) for module in model[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(model.eval()(x), expected)
+
+
+def test_swap_leaves_the_random_state_alone(x86: qatcore.QConfig) -> None:
+    model = _conv_bn_relu_blocks(2)
+    model.append(nn.Conv2d(4, 4, 1))
+    state = torch.random.get_rng_state()
+
+    qatcore.swap_modules(model, x86)
+
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+def test_swap_restores_garbage_collector_state(enabled: bool, x86: qatcore.QConfig) -> None:
+    was_enabled = gc.isenabled()
+    if not enabled:
+        gc.disable()
+    try:
+        qatcore.swap_modules(_conv_bn_relu_blocks(2), x86)
+        assert gc.isenabled() is enabled
+        with pytest.raises(qatcore.SwapError):
+            qatcore.swap_modules(nn.Conv2d(3, 4, 3), x86, inplace=True)
+        assert gc.isenabled() is enabled
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def test_swap_rejects_qat_model(x86: qatcore.QConfig) -> None:

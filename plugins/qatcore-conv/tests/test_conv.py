@@ -102,3 +102,33 @@ def test_fusion_problem_default_is_empty(
     qat_type: type[qatcore.QATModule], members: tuple[nn.Module, ...]
 ) -> None:
     assert qat_type.fusion_problem(members) == ""
+
+
+@pytest.mark.parametrize("dim", DIMS, ids=DIM_IDS)
+def test_direct_build_initialises_like_torch(dim: int) -> None:
+    torch.manual_seed(0)
+    expected = FLOAT_TYPES[dim](3, 4, 3)
+    state_after_float = torch.random.get_rng_state()
+    torch.manual_seed(0)
+
+    qat = getattr(qatcore_conv, f"Conv{dim}d")(3, 4, 3)
+
+    assert torch.equal(qat.weight, expected.weight)
+    assert torch.equal(qat.bias, expected.bias)
+    assert torch.equal(torch.random.get_rng_state(), state_after_float)
+
+
+def test_meta_build_skips_initialisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.nn.init was called")
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", fail)
+    monkeypatch.setattr(torch.nn.init, "uniform_", fail)
+
+    qat = qatcore_conv.ConvBnReLU2d(3, 4, 3, device="meta")
+    qat.reset_parameters()
+
+    assert qat.weight.device.type == "meta"
+    assert qat.bn.weight.device.type == "meta"
+    with pytest.raises(AssertionError, match=r"torch\.nn\.init was called"):
+        qatcore_conv.Conv2d(3, 4, 3)
