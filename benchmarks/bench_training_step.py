@@ -1,22 +1,41 @@
-"""Time a QAT training step and the fake-quant kernel on the CPU, side by side in one process.
+"""Time one QAT training step against the float step and torch.ao's, on four small nets.
 
-Part 1 times one SGD training step (forward, backward, optimizer step) of a
-small ResNet-style conv net in four variants built from the same weights.
-They are float, qatcore QAT with the ``x86`` preset, torch.ao eager QAT with
-``get_default_qat_qconfig("x86")`` on the whole model, and torch.ao with
-that qconfig on the convolutions only, which are the modules qatcore
-quantizes. Rounds interleave the variants in a rotating order, so that a
-slow spell of the machine hits every variant alike.
+A step is forward, cross-entropy loss, backward and an SGD update with
+momentum, on one fixed batch. Each net runs in these variants, built from
+the same float weights:
 
-Part 2 times the fake-quant kernels alone against ``x.clone()`` of the same
-tensor: per-tensor on an activation-sized tensor and per-channel on a
-weight-sized one, forward only and forward plus backward.
+- ``float``: no fake quantization.
+- ``qatcore``: every conv swapped with ``fuse=False``: conv weights int8 per
+  channel, conv outputs uint8 per tensor; BatchNorm, ReLU and the linear
+  layer stay float and unfused.
+- ``torch.ao``: ``prepare_qat`` with ``get_default_qat_qconfig("x86")`` on
+  the whole model.
+- ``torch.ao convs``: the same qconfig on the convs only, which quantizes the
+  same tensors as ``qatcore``.
+- ``qatcore BN folded``: the ``x86`` preset with its default fusion, so
+  conv-BN(-ReLU) groups train with BN folded, plus the linear layer.
+- ``torch.ao BN folded``: ``fuse_modules_qat`` on the same groups, then
+  ``prepare_qat``; torch.ao's default fold divides by the BN weight.
+- ``torch.ao BN folded, stable``: the same with torch.ao's numerically
+  stable fold, the one qatcore computes.
+- ``float compiled``, ``qatcore compiled``, ``qatcore BN folded compiled``:
+  ``torch.compile(model, fullgraph=True)`` of a copy of the eager model; the
+  optimizer step stays eager.
 
-Run from the repository root::
+Rounds run every variant once, in an order that rotates each round, so that
+a slow spell of the machine hits every variant alike. Compiled variants
+first run steps alone until a step compiles nothing new, at most
+``COMPILE_STEPS``, because dynamo compiles again when a guard fails: with
+torch 2.13 a swapped model compiled a second graph on its second step. The
+wall time of these steps, the last of which compiles nothing, is printed as
+"compile s" and kept out of the step times. The warm-up rounds follow, then
+the timed rounds.
 
-    python benchmarks/bench_training_step.py --threads 2 --steps 30
+Run from the repository root after the Quick start install::
 
-This is a measurement, not a test: it asserts nothing and its numbers
+    python benchmarks/bench_training_step.py
+
+This is a measurement, not a test: it asserts nothing, and its numbers
 depend on the machine and on whatever else runs on it.
 """
 
@@ -24,335 +43,193 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import statistics
 import time
-import warnings
 from collections.abc import Callable
 
+import _harness
+import _models
 import torch
-import torch.ao.quantization as tq
-import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
-import qatcore
+COMPILE_STEPS = 5
+"""Most steps a compiled variant runs alone before the rounds."""
 
-# -- the model ------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN pairs with a ReLU between them and a residual connection."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu2 = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+COUNTERPARTS = {
+    "qatcore": "torch.ao convs",
+    "qatcore compiled": "torch.ao convs",
+    "qatcore BN folded": "torch.ao BN folded, stable",
+    "qatcore BN folded compiled": "torch.ao BN folded, stable",
+}
+"""qatcore variant -> the torch.ao variant that fake-quantizes the same tensors the same way."""
 
 
-class SmallResNet(nn.Module):
-    """A CIFAR-sized ResNet: a 3x3 stem and three stages of two basic blocks each."""
-
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
-        )
-        stages = []
-        in_channels = widths[0]
-        for index, width in enumerate(widths):
-            stride = 1 if index == 0 else 2
-            stages.append(BasicBlock(in_channels, width, stride))
-            stages.append(BasicBlock(width, width, 1))
-            in_channels = width
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+def build_variants(net: _models.Net, compile_models: bool) -> dict[str, nn.Module]:
+    """Return the eager variants and, with ``compile_models``, the compiled ones."""
+    models: dict[str, nn.Module] = _models.build_eager_variants(net)
+    if compile_models:
+        for name, source in _models.COMPILED_VARIANTS.items():
+            models[name] = torch.compile(copy.deepcopy(models[source]), fullgraph=True)
+    return models
 
 
-def build_variants(seed: int) -> dict[str, nn.Module]:
-    """Return the float model and its QAT versions, all starting from the same weights."""
-    torch.manual_seed(seed)
-    base = SmallResNet().train()
+def compile_steps(step: Callable[[], None]) -> float:
+    """Run ``step`` until a call compiles no new graph, and return the seconds it took."""
+    begin = time.perf_counter()
+    for _ in range(COMPILE_STEPS):
+        # AOTAutograd counts every graph that dynamo hands to the compiler.
+        graphs = counters["aot_autograd"]["total"]
+        step()
+        if counters["aot_autograd"]["total"] == graphs:
+            break
+    return time.perf_counter() - begin
 
-    # Convs only and no fusion, so that qatcore quantizes the same tensors as
-    # the "torch.ao convs" variant: BN folding would add a float conv pass.
-    qatcore_model = qatcore.swap_modules(
-        copy.deepcopy(base), {nn.Conv2d: qatcore.get_qconfig("x86")}, fuse=False
-    )
 
-    ao_model = copy.deepcopy(base)
-    ao_model.qconfig = tq.get_default_qat_qconfig("x86")
-    tq.prepare_qat(ao_model, inplace=True)
+def baseline_of(name: str) -> str:
+    return "float compiled" if name.endswith(" compiled") else "float"
 
-    ao_convs = copy.deepcopy(base)
-    for module in ao_convs.modules():
-        if isinstance(module, nn.Conv2d):
-            module.qconfig = tq.get_default_qat_qconfig("x86")
-    tq.prepare_qat(ao_convs, inplace=True)
 
-    # BN folded into the convs by both libraries, on the groups qatcore's plan
-    # finds: qatcore's numerically stable fold runs a second, float conv per
-    # group in training, where torch.ao's default fold divides by gamma.
-    x86 = qatcore.get_qconfig("x86")
-    qatcore_fused = qatcore.swap_modules(copy.deepcopy(base), x86)
-    groups = [list(entry.members) for entry in qatcore.plan(base, x86) if entry.action == "fuse"]
-    ao_fused = tq.fuse_modules_qat(copy.deepcopy(base).train(), groups)
-    ao_fused.qconfig = tq.get_default_qat_qconfig("x86")
-    tq.prepare_qat(ao_fused, inplace=True)
-    ao_stable = copy.deepcopy(ao_fused)
-    for module in ao_stable.modules():
-        if hasattr(module, "_enable_slow_path_for_better_numerical_stability"):
-            module._enable_slow_path_for_better_numerical_stability = True
+def bench_net(net_name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Time every variant of one net, print its table and return the medians in seconds."""
+    net = _models.NETS[net_name]
+    batch = args.batch or net.batch
+    torch._dynamo.reset()
+    models = build_variants(net, compile_models=not args.no_compile)
+    inputs, targets = _models.make_batch(net, batch)
 
-    return {
-        "float": base,
-        "qatcore": qatcore_model.train(),
-        "torch.ao": ao_model.train(),
-        "torch.ao convs": ao_convs.train(),
-        "qatcore BN folded": qatcore_fused.train(),
-        "torch.ao BN folded": ao_fused.train(),
-        "torch.ao BN folded, stable": ao_stable.train(),
+    cases: dict[str, Callable[[], None]] = {}
+    for name, model in models.items():
+        optimizer = _models.make_optimizer(model)
+        cases[name] = lambda m=model, o=optimizer: _models.training_step(m, o, inputs, targets)
+
+    compile_seconds = {
+        name: compile_steps(cases[name]) for name in models if name in _models.COMPILED_VARIANTS
     }
+    timed, _ = _harness.time_interleaved(cases, args.steps, args.warmup)
+    medians = {name: _harness.median(samples) for name, samples in timed.items()}
 
-
-def count_fake_quants(model: nn.Module) -> int:
-    """Count the fake-quant modules of either library in ``model``."""
-    kinds = (qatcore.FakeQuantize, tq.FakeQuantizeBase)
-    return sum(isinstance(module, kinds) for module in model.modules())
-
-
-# -- timing -----------------------------------------------------------------------------
-
-
-def time_interleaved(
-    cases: dict[str, Callable[[], object]], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    """Time every case once per round, in an order that rotates each round; return seconds."""
-    names = list(cases)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(warmup + rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            cases[name]()
-            elapsed = time.perf_counter() - start
-            if index >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
-
-
-def print_table(times: dict[str, list[float]], extra: dict[str, str] | None = None) -> None:
-    extra = extra or {}
-    for name, samples in times.items():
-        low, high = min(samples) * 1e3, max(samples) * 1e3
-        line = f"  {name:<34} {median_ms(samples):9.2f} ms   (min {low:.2f}, max {high:.2f})"
-        if name in extra:
-            line += f"   {extra[name]}"
-        print(line)
-
-
-def print_ratios(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> None:
-    for numerator, denominator in pairs:
-        ratio = median_ms(times[numerator]) / median_ms(times[denominator])
-        print(f"  {numerator} / {denominator}: {ratio:.2f}")
-
-
-# -- part 1: the training step ------------------------------------------------------------
-
-
-def training_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor
-) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(inputs), targets)
-    loss.backward()
-    optimizer.step()
-
-
-def bench_training_step(args: argparse.Namespace) -> None:
-    variants = build_variants(seed=0)
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(args.batch, 3, 32, 32, generator=generator)
-    targets = torch.randint(0, 10, (args.batch,), generator=generator)
-
-    cases = {}
-    for name, model in variants.items():
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        cases[name] = lambda m=model, o=optimizer: training_step(m, o, inputs, targets)
-
-    print(
-        f"\n1. Training step: SmallResNet, batch {args.batch}x3x32x32, SGD, "
-        f"median of {args.steps} interleaved rounds after {args.warmup} warm-up rounds"
+    rows = []
+    for name, samples in timed.items():
+        baseline = baseline_of(name)
+        counterpart = COUNTERPARTS.get(name)
+        row: list[object] = [
+            f"`{name}`",
+            _models.count_fake_quants(model_of(models[name])),
+            _harness.format_ms(medians[name]),
+            _harness.format_ms(min(samples)),
+            _harness.format_ms(max(samples)),
+            _harness.format_ratio(medians[name], medians[baseline]),
+            _harness.format_ratio(medians[name], medians[counterpart]) if counterpart else "",
+        ]
+        if compile_seconds:
+            row.append(f"{compile_seconds[name]:.1f}" if name in compile_seconds else "")
+        rows.append(row)
+    header = [
+        "variant",
+        "fake quants",
+        "median ms",
+        "min ms",
+        "max ms",
+        "vs float",
+        "vs torch.ao",
+    ]
+    if compile_seconds:
+        header.append("compile s")
+    note = (
+        f"{net.description}; batch {batch}; median of {args.steps} interleaved rounds after "
+        f"{args.warmup} warm-up rounds. `vs float` divides by the float step's median in "
+        "the same mode (eager or compiled); `vs torch.ao` divides by the torch.ao variant "
+        "that fake-quantizes the same tensors the same way (`torch.ao convs`, or "
+        "`torch.ao BN folded, stable` for BN folded)."
     )
-    times = time_interleaved(cases, args.steps, args.warmup)
-    counts = {name: f"{count_fake_quants(model)} fake quants" for name, model in variants.items()}
-    print_table(times, counts)
-    print_ratios(
-        times,
-        [
-            ("qatcore", "float"),
-            ("torch.ao", "float"),
-            ("torch.ao convs", "float"),
-            ("qatcore", "torch.ao"),
-            ("qatcore", "torch.ao convs"),
-            ("qatcore BN folded", "float"),
-            ("torch.ao BN folded", "float"),
-            ("qatcore BN folded", "torch.ao BN folded"),
-            ("qatcore BN folded", "torch.ao BN folded, stable"),
-        ],
+    _harness.print_section(
+        f"Training step, `{net_name}`", _harness.markdown_table(header, rows), note
     )
 
     if args.profile:
         profile_steps(cases, ["qatcore", "torch.ao convs"], args.profile_rows)
+    return medians
+
+
+def model_of(model: nn.Module) -> nn.Module:
+    """Return the module that ``torch.compile`` wraps, or ``model`` itself."""
+    return getattr(model, "_orig_mod", model)
+
+
+def print_summary(results: dict[str, dict[str, float]]) -> None:
+    """Print the main ratios of every net in one table."""
+    columns = {
+        "qatcore / float": ("qatcore", "float"),
+        "qatcore BN folded / float": ("qatcore BN folded", "float"),
+        "torch.ao convs / float": ("torch.ao convs", "float"),
+        "qatcore / torch.ao convs": ("qatcore", "torch.ao convs"),
+        "qatcore compiled / float compiled": ("qatcore compiled", "float compiled"),
+        "qatcore compiled / qatcore": ("qatcore compiled", "qatcore"),
+    }
+    # Without the compiled variants, their columns would stay empty.
+    measured = set().union(*results.values())
+    columns = {title: pair for title, pair in columns.items() if measured.issuperset(pair)}
+    rows = []
+    for net_name, medians in results.items():
+        row: list[object] = [f"`{net_name}`", _harness.format_ms(medians["float"])]
+        for numerator, denominator in columns.values():
+            row.append(_harness.format_ratio(medians[numerator], medians[denominator]))
+        rows.append(row)
+    table = _harness.markdown_table(["net", "float ms", *columns], rows)
+    _harness.print_section("Training step, summary", table, "Ratios of medians.")
 
 
 def profile_steps(cases: dict[str, Callable[[], object]], names: list[str], rows: int) -> None:
-    """Print torch.profiler's top ops by self CPU time for a few steps of each named case."""
+    """Print torch.profiler's top ops by self CPU time for five steps of each named case."""
     from torch.profiler import ProfilerActivity, profile
 
     for name in names:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 cases[name]()
-        print(f"\n  profile of 5 steps, {name}, sorted by self CPU time:")
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-        print("\n".join("    " + line for line in table.splitlines()))
-
-
-# -- part 2: the kernels ------------------------------------------------------------------
-
-
-def kernel_cases(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    quant_range: tuple[int, int],
-    axis: int | None,
-) -> dict[str, Callable[[], object]]:
-    """Return the clone, and forward and forward+backward calls of every kernel, on ``x``."""
-    kernels: dict[str, Callable[..., torch.Tensor]] = {
-        "reference": qatcore.fake_quantize_reference,
-    }
-    registered = qatcore.plugin_manager().registry.kernels.get(("default", "cpu"))
-    if registered is not None:
-        kernels["qatcore-cpu"] = registered
-
-    leaf = x.detach().requires_grad_()
-    grad_output = torch.randn_like(x)
-    cases: dict[str, Callable[[], object]] = {"clone": x.clone}
-    for name, kernel in kernels.items():
-        cases[f"{name} forward"] = lambda k=kernel: k(leaf, scale, zero_point, *quant_range, axis)
-        cases[f"{name} forward+backward"] = lambda k=kernel: k(
-            leaf, scale, zero_point, *quant_range, axis
-        ).backward(grad_output)
-    return cases
-
-
-def bench_kernels(args: argparse.Namespace) -> None:
-    generator = torch.Generator().manual_seed(2)
-    activation = torch.randn(64, 64, 56, 56, generator=generator)
-    weight = torch.randn(512, 512, 3, 3, generator=generator) * 0.05
-    weight_scale = weight.abs().amax(dim=(1, 2, 3)) / 127.5
-    setups = {
-        "per-tensor, activation 64x64x56x56 float32": (
-            activation,
-            torch.tensor(0.02),
-            torch.tensor(128, dtype=torch.int32),
-            (0, 255),
-            None,
-        ),
-        "per-channel axis 0, weight 512x512x3x3 float32": (
-            weight,
-            weight_scale,
-            torch.zeros(512, dtype=torch.int32),
-            (-128, 127),
-            0,
-        ),
-    }
-    print(f"\n2. Fake-quant kernel alone, median of {args.kernel_rounds} interleaved rounds")
-    for title, (x, scale, zero_point, quant_range, axis) in setups.items():
-        print(f"  {title}:")
-        cases = kernel_cases(x, scale, zero_point, quant_range, axis)
-        times = time_interleaved(cases, args.kernel_rounds, args.warmup)
-        print_table(times)
-        pairs = [(name, "clone") for name in cases if name != "clone"]
-        if "qatcore-cpu forward" in cases:
-            pairs += [
-                ("qatcore-cpu forward", "reference forward"),
-                ("qatcore-cpu forward+backward", "reference forward+backward"),
-            ]
-        print_ratios(times, pairs)
-
-
-# -- entry point --------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        print(f"Profile of 5 steps of `{name}`, sorted by self CPU time:\n")
+        print(f"```text\n{table}\n```\n")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--batch", type=int, default=32, help="images per training step")
-    parser.add_argument("--kernel-rounds", type=int, default=15, help="timed calls per kernel case")
     parser.add_argument(
-        "--profile", action="store_true", help="also print torch.profiler tables of the QAT steps"
+        "--nets",
+        nargs="+",
+        choices=list(_models.NETS),
+        default=list(_models.NETS),
+        help="nets to time, in this order (default: all)",
     )
-    parser.add_argument("--profile-rows", type=int, default=25, help="rows of each profiler table")
-    parser.add_argument("--skip-kernels", action="store_true", help="time the training step only")
+    parser.add_argument("--steps", type=int, default=20, help="timed rounds per net (default: 20)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed rounds before timing (default: 3)"
+    )
+    _harness.add_thread_option(parser)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="inputs per step for every net (default: 16 for video, 32 for the others)",
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile variants"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print torch.profiler tables of `qatcore` and `torch.ao convs`",
+    )
+    parser.add_argument(
+        "--profile-rows", type=int, default=25, help="rows of each profiler table (default: 25)"
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    # torch.ao's eager QAT warns about reduce_range and deprecated APIs; the
-    # numbers are the point here.
-    warnings.filterwarnings("ignore")
-
-    kernel = qatcore.plugin_manager().registry.kernels.get(("default", "cpu"))
-    kernel_name = f"{kernel.__module__}.{kernel.__name__}" if kernel else "none (reference)"
-    print(
-        f"torch {torch.__version__}, qatcore {qatcore.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU: {cpu_model()}"
-    )
-    print(f"qatcore CPU kernel: {kernel_name}")
-
-    bench_training_step(args)
-    if not args.skip_kernels:
-        bench_kernels(args)
+    _harness.start(args)
+    results = {net_name: bench_net(net_name, args) for net_name in args.nets}
+    print_summary(results)
 
 
 if __name__ == "__main__":
