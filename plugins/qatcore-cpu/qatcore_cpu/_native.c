@@ -70,7 +70,8 @@ enum { KIND_FLOAT32 = 0, KIND_FLOAT64 = 1 };
         for (int64_t i = 0; i < n; i++) {                                                          \
             T code = ROUND(x[i] * inv_scale) + zero_point;                                         \
             T clamped = CLAMP(code, lo, hi);                                                       \
-            out[i] = grad[i] * (T)(clamped == code);                                               \
+            T inside = clamped == code ? (T)1 : (T)0; /* a select, which vectorizes */             \
+            out[i] = grad[i] * inside;                                                             \
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
