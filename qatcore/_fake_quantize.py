@@ -108,8 +108,10 @@ class FakeQuantize(Float32Buffers):
                 f"per-channel fake quantization along axis {spec.axis} needs the channel "
                 f"count, got channels={channels!r}"
             )
-        self.spec = spec
-        self.channels = channels if spec.per_channel else None
+        # Plain attributes go straight into the instance dict: nn.Module's
+        # __setattr__ would only check that no parameter, buffer or module has
+        # the name, and a swap builds thousands of these modules.
+        self.__dict__.update(spec=spec, channels=channels if spec.per_channel else None)
         self.observer = observer or plugin_manager().registry.create_observer(spec, self.channels)
         # Fails early on an unknown kernel name. The CPU kernel is cached now,
         # so that a compiled graph's first call finds the cache as later ones do.
@@ -121,9 +123,8 @@ class FakeQuantize(Float32Buffers):
         else:
             self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
             self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
-        self.observer_enabled = True
-        self.fake_quant_enabled = True
-        self._kernels: dict[str, Kernel] = {"cpu": cpu_kernel}
+        kernels: dict[str, Kernel] = {"cpu": cpu_kernel}
+        self.__dict__.update(observer_enabled=True, fake_quant_enabled=True, _kernels=kernels)
 
     def _init_learnable_qparams(self, shape: tuple[int, ...]) -> None:
         self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32))

@@ -73,12 +73,16 @@ class Observer(Float32Buffers, abc.ABC):
                 f"a per-channel observer along axis {spec.axis} needs the channel count, "
                 f"got channels={channels!r}"
             )
-        self.spec = spec
-        self.channels = channels if spec.per_channel else None
         # Reduce the statistics across ranks when torch.distributed is
-        # initialised; qatcore.set_observer_sync changes both.
-        self.sync = True
-        self.process_group: Any = None
+        # initialised; qatcore.set_observer_sync changes sync and
+        # process_group. These plain attributes go straight into the instance
+        # dict, past nn.Module's slower __setattr__.
+        self.__dict__.update(
+            spec=spec,
+            channels=channels if spec.per_channel else None,
+            sync=True,
+            process_group=None,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # A process group belongs to its process and cannot be pickled; an

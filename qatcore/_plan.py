@@ -78,10 +78,11 @@ class FusedAway(nn.Identity):
         self, float_type_name: str = "", fused_into: str = "", position: int = 0, group: str = ""
     ) -> None:
         super().__init__()
-        self.float_type_name = float_type_name
-        self.fused_into = fused_into
-        self.position = position
-        self.group = group
+        # Plain attributes, written past nn.Module's slower __setattr__: a
+        # swap leaves one placeholder per fused member.
+        self.__dict__.update(
+            float_type_name=float_type_name, fused_into=fused_into, position=position, group=group
+        )
 
     def extra_repr(self) -> str:
         return f"was {self.float_type_name}, fused into {self.fused_into or '<root>'}"

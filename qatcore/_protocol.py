@@ -138,9 +138,16 @@ def check_float_modules(
 
 
 def build_fake_quant(
-    spec: QuantSpec | None, channels: int | None, what: str, where: str
+    spec: QuantSpec | None,
+    channels: int | None,
+    what: str,
+    where: str,
+    device: torch.device | None = None,
 ) -> FakeQuantize | None:
     """Build the fake quantizer for ``spec``, or return None when the tensor stays float.
+
+    With ``device``, the fake quantizer is moved there, unless it is the
+    meta device, which a module built without values uses.
 
     Raises:
         SwapError: The observer or kernel is not registered, or the spec
@@ -149,10 +156,13 @@ def build_fake_quant(
     if spec is None:
         return None
     try:
-        return FakeQuantize(spec, channels=channels)
+        fake_quant = FakeQuantize(spec, channels=channels)
     except (KeyError, ValueError) as error:
         message = error.args[0] if error.args else str(error)
         raise SwapError(f"{where}: cannot build the {what} fake quantizer: {message}") from None
+    if device is not None and device.type != "meta" and fake_quant.scale.device != device:
+        fake_quant.to(device)
+    return fake_quant
 
 
 class QATConvNd(QATModule):
@@ -268,7 +278,10 @@ class QATConvNd(QATModule):
                     "one scale per tensor"
                 )
             weight_channels = self.out_channels
-        self.weight_fake_quant = build_fake_quant(weight_spec, weight_channels, "weight", where)
+        device = self.weight.device
+        self.weight_fake_quant = build_fake_quant(
+            weight_spec, weight_channels, "weight", where, device
+        )
 
         output_spec = None if qconfig.activation is None else qconfig.activation.resolve_axis(1)
         output_channels = None
@@ -280,11 +293,9 @@ class QATConvNd(QATModule):
                     "in QConfig.activation, or axis=None for one scale per tensor"
                 )
             output_channels = self.out_channels
-        self.output_fake_quant = build_fake_quant(output_spec, output_channels, "output", where)
-        if self.weight.device.type != "meta":
-            for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
-                if fake_quant is not None:
-                    fake_quant.to(self.weight.device)
+        self.output_fake_quant = build_fake_quant(
+            output_spec, output_channels, "output", where, device
+        )
 
     def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
         """Take over the float modules that follow the conv in a fused group."""

@@ -178,12 +178,13 @@ class QATConvTransposeNd(QATModule):
             output_channels = self.out_channels
 
         self.qconfig = qconfig
-        self.weight_fake_quant = build_fake_quant(weight_spec, weight_channels, "weight", where)
-        self.output_fake_quant = build_fake_quant(output_spec, output_channels, "output", where)
-        if self.weight.device.type != "meta":
-            for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
-                if fake_quant is not None:
-                    fake_quant.to(self.weight.device)
+        device = self.weight.device
+        self.weight_fake_quant = build_fake_quant(
+            weight_spec, weight_channels, "weight", where, device
+        )
+        self.output_fake_quant = build_fake_quant(
+            output_spec, output_channels, "output", where, device
+        )
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """Return the weight after its fake quantizer, in the float weight's layout.

@@ -122,12 +122,13 @@ class QATLinearBase(QATModule, nn.Linear):
         )
 
         self.qconfig = qconfig
-        self.weight_fake_quant = build_fake_quant(weight_spec, self.out_features, "weight", where)
-        self.output_fake_quant = build_fake_quant(output_spec, self.out_features, "output", where)
-        if self.weight.device.type != "meta":
-            for fake_quant in (self.weight_fake_quant, self.output_fake_quant):
-                if fake_quant is not None:
-                    fake_quant.to(self.weight.device)
+        device = self.weight.device
+        self.weight_fake_quant = build_fake_quant(
+            weight_spec, self.out_features, "weight", where, device
+        )
+        self.output_fake_quant = build_fake_quant(
+            output_spec, self.out_features, "output", where, device
+        )
 
     def _adopt_members(self, members: tuple[nn.Module, ...], where: str) -> None:
         """Take over the float modules that follow the linear layer in a fused group."""
