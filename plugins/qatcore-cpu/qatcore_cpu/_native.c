@@ -117,7 +117,10 @@ typedef struct {
     const float *scales;
     const void *zero_points;
     int zero_point_kind;
-    float quant_min, quant_max;
+    /* The range in double, exact for every integer range that the float64
+     * loops take; the float32 loops and the zero point use it in float32,
+     * as torch.clamp on a float32 tensor does. */
+    double quant_min, quant_max;
 } Layout;
 
 static int parse_layout(Layout *layout, int kind, long long channels, long long inner,
@@ -149,8 +152,8 @@ static int parse_layout(Layout *layout, int kind, long long channels, long long 
     layout->scales = (const float *)(uintptr_t)scales;
     layout->zero_points = (const void *)(uintptr_t)zero_points;
     layout->zero_point_kind = zero_point_kind;
-    layout->quant_min = (float)quant_min;
-    layout->quant_max = (float)quant_max;
+    layout->quant_min = quant_min;
+    layout->quant_max = quant_max;
     return 0;
 }
 
@@ -167,7 +170,7 @@ static int parse_layout(Layout *layout, int kind, long long channels, long long 
             ChannelQparams q_ =                                                          \
                 channel_qparams((layout).scales, (layout).zero_points,                   \
                                 (layout).zero_point_kind, row_ % (layout).channels,      \
-                                (layout).quant_min, (layout).quant_max);                 \
+                                (float)(layout).quant_min, (float)(layout).quant_max);   \
             if (q_.valid) {                                                              \
                 body(first_, end_ - first_, q_);                                         \
             } else {                                                                     \
@@ -199,7 +202,8 @@ static PyObject *native_forward(PyObject *self, PyObject *args) {
         float *outs = (float *)(uintptr_t)out;
 #define RUN_F32(first, count, q)                                                           \
     forward_run_f32(xs + (first), outs + (first), mask ? mask + (first) : NULL, (count),    \
-                    q.scale, q.inv_scale, q.zero_point, layout.quant_min, layout.quant_max)
+                    q.scale, q.inv_scale, q.zero_point, (float)layout.quant_min,            \
+                    (float)layout.quant_max)
         FOR_EACH_CHANNEL_RUN(layout, RUN_F32);
 #undef RUN_F32
     } else {
@@ -208,7 +212,7 @@ static PyObject *native_forward(PyObject *self, PyObject *args) {
 #define RUN_F64(first, count, q)                                                           \
     forward_run_f64(xs + (first), outs + (first), mask ? mask + (first) : NULL, (count),    \
                     (double)q.scale, (double)q.inv_scale, (double)q.zero_point,             \
-                    (double)layout.quant_min, (double)layout.quant_max)
+                    layout.quant_min, layout.quant_max)
         FOR_EACH_CHANNEL_RUN(layout, RUN_F64);
 #undef RUN_F64
     }
@@ -238,7 +242,7 @@ static PyObject *native_input_gradient(PyObject *self, PyObject *args) {
         float *outs = (float *)(uintptr_t)out;
 #define RUN_F32(first, count, q)                                                          \
     input_gradient_run_f32(gs + (first), xs + (first), outs + (first), (count), q.inv_scale, \
-                           q.zero_point, layout.quant_min, layout.quant_max)
+                           q.zero_point, (float)layout.quant_min, (float)layout.quant_max)
         FOR_EACH_CHANNEL_RUN(layout, RUN_F32);
 #undef RUN_F32
     } else {
@@ -247,8 +251,8 @@ static PyObject *native_input_gradient(PyObject *self, PyObject *args) {
         double *outs = (double *)(uintptr_t)out;
 #define RUN_F64(first, count, q)                                                            \
     input_gradient_run_f64(gs + (first), xs + (first), outs + (first), (count),               \
-                           (double)q.inv_scale, (double)q.zero_point, (double)layout.quant_min, \
-                           (double)layout.quant_max)
+                           (double)q.inv_scale, (double)q.zero_point, layout.quant_min,         \
+                           layout.quant_max)
         FOR_EACH_CHANNEL_RUN(layout, RUN_F64);
 #undef RUN_F64
     }

@@ -310,6 +310,18 @@ def _fake_quantize_forward(
 
 
 class _CPUFakeQuantize(torch.autograd.Function):
+    """Fake quantization with the clipped straight-through gradient for ``x``.
+
+    The backward pass needs to know where the code lay inside the range.
+    An input that needs no gradient keeps nothing. A leaf input, such as a
+    weight, outlives the backward pass anyway, so the kernel keeps it
+    instead of a mask, which saves the mask's memory and its write. The
+    backward loop then recomputes the mask as it multiplies. Like a float
+    conv, which keeps its weight too, the backward pass then raises if
+    that input was changed in place after the forward pass. Every other
+    input keeps a bool mask.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,
@@ -320,11 +332,8 @@ class _CPUFakeQuantize(torch.autograd.Function):
         quant_max: int,
         axis: int | None,
     ) -> torch.Tensor:
-        # A leaf input, such as a weight, outlives the backward pass anyway.
-        # Keeping it instead of a mask saves the mask's memory and its write,
-        # and the backward pass recomputes the mask in the same loop as the
-        # product.
-        keep_input = x.grad_fn is None and _native_takes(x)
+        needs_gradient = ctx.needs_input_grad[0]
+        keep_input = needs_gradient and x.grad_fn is None and _native_takes(x)
         out, inside, layout = _fake_quantize_forward(
             x,
             scale,
@@ -332,19 +341,27 @@ class _CPUFakeQuantize(torch.autograd.Function):
             quant_min,
             quant_max,
             axis,
-            need_mask=not keep_input,
+            need_mask=needs_gradient and not keep_input,
             snapshot=keep_input,
         )
-        if inside is None:
+        ctx.recompute = None
+        if keep_input and layout is None:
+            # The native loops declined a scale (a float64 one beyond
+            # float32's range) and the ATen path ran without a mask.
+            out, inside, _ = _fake_quantize_forward(
+                x, scale, zero_point, quant_min, quant_max, axis, need_mask=True
+            )
+        if inside is not None:
+            ctx.save_for_backward(inside)
+        elif keep_input:
             ctx.save_for_backward(x)
             ctx.recompute = (layout, quant_min, quant_max)
-        else:
-            ctx.save_for_backward(inside)
-            ctx.recompute = None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
         (saved,) = ctx.saved_tensors
         if ctx.recompute is None:
             grad_input = _masked_gradient(grad_output, saved)

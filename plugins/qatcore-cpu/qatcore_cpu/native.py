@@ -11,6 +11,7 @@ same bits.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Callable
@@ -34,7 +35,9 @@ __all__ = [
 ]
 
 try:
-    from qatcore_cpu import _native
+    # import_module names the missing module in its error, where a
+    # from-import inside this package would blame a circular import.
+    _native = importlib.import_module("qatcore_cpu._native")
 except ImportError as error:
     _native = None
     _MISSING = (
@@ -97,24 +100,29 @@ class Layout(NamedTuple):
 
 
 class _Pool:
-    """Worker threads for the native loops, made again after a fork or a thread-count change."""
+    """Worker threads for the native loops: one executor per process, shared by every caller.
+
+    The executor starts a thread only when a submitted range finds none
+    idle, so its thread count follows the most ranges in flight at once,
+    from every Python thread that calls the kernel, up to ``MAX_WORKERS``.
+    """
+
+    MAX_WORKERS = 64
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._key: tuple[int, int] | None = None
+        self._pid: int | None = None
 
-    def executor(self, workers: int) -> ThreadPoolExecutor:
+    def executor(self) -> ThreadPoolExecutor:
         # A forked child inherits the executor but not its threads, so the
-        # pool belongs to the process that made it.
-        key = (os.getpid(), workers)
+        # child makes its own.
         with self._lock:
-            if self._key != key or self._executor is None:
-                if self._executor is not None and self._key is not None:
-                    if self._key[0] == key[0]:
-                        self._executor.shutdown(wait=False)
-                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="qatcore-cpu")
-                self._key = key
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(
+                    self.MAX_WORKERS, thread_name_prefix="qatcore-cpu"
+                )
+                self._pid = os.getpid()
             return self._executor
 
 
@@ -137,7 +145,7 @@ def _split(numel: int, run: Callable[[int, int], int], *, threads: int | None = 
     bounds = [(start, min(start + step, numel)) for start in range(0, numel, step)]
     if len(bounds) == 1:
         return run(0, numel)
-    executor = _POOL.executor(len(bounds) - 1)
+    executor = _POOL.executor()
     pending: list[Future[int]] = [executor.submit(run, *bound) for bound in bounds[1:]]
     total = run(*bounds[0])
     for future in pending:

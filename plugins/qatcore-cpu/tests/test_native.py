@@ -6,6 +6,7 @@ import multiprocessing
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -175,3 +176,94 @@ def test_missing_extension_falls_back_to_aten() -> None:
     assert verdict == "identical"
     notes = [line.strip() for line in plugins_output if line.strip().startswith("note:")]
     assert notes == [f"note: {reason}"]
+
+
+def test_concurrent_callers_share_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two Python threads whose tensors split into different numbers of
+    # ranges; each result must equal the single-threaded one.
+    monkeypatch.setattr(qatcore_cpu.native, "MIN_ELEMENTS_PER_THREAD", 256)
+    generator = torch.Generator().manual_seed(6)
+    inputs = [torch.randn(size, generator=generator) for size in (700, 5000)]
+    expected = [qatcore.fake_quantize_reference(x, SCALE, ZERO_POINT, 0, 255) for x in inputs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    failures: list[str] = []
+
+    def work(index: int) -> None:
+        for _ in range(200):
+            out = fake_quantize_cpu(inputs[index], SCALE, ZERO_POINT, 0, 255)
+            if not torch.equal(out, expected[index]):
+                failures.append(f"input {index} differs")
+                return
+
+    try:
+        workers = [threading.Thread(target=work, args=(index,)) for index in (0, 1)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert not any(worker.is_alive() for worker in workers)
+    assert failures == []
+
+
+@pytest.mark.parametrize("scale", [1e39, 1e-50], ids=["above-float32", "below-float32"])
+def test_float64_scale_outside_float32_on_leaf(scale: float) -> None:
+    # The reference checks the scale in float64, where it is valid, and then
+    # computes with it in float32, where it is inf or 0.
+    x = torch.tensor([-3.0, 0.0, 2.0, 5.0])
+    results = []
+    for kernel in (fake_quantize_cpu, qatcore.fake_quantize_reference):
+        leaf = x.clone().requires_grad_()
+        out = kernel(leaf, torch.tensor(scale, dtype=torch.float64), ZERO_POINT, -128, 127)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), leaf.grad))
+
+    (out, grad), (expected_out, expected_grad) = results
+    assert torch.equal(out.isnan(), expected_out.isnan())
+    assert torch.equal(out.nan_to_num(), expected_out.nan_to_num())
+    assert torch.equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize(
+    ("quant_range", "value"),
+    [((-(2**31), 2**31 - 1), 2.0**31), ((0, 2**24 + 1), 16777217.0)],
+    ids=["int32-range", "beyond-float32-integers"],
+)
+def test_float64_input_keeps_wide_range_exact(quant_range: tuple[int, int], value: float) -> None:
+    x = torch.tensor([value, -value, 3.0], dtype=torch.float64)
+    scale, zero_point = torch.tensor(1.0), torch.tensor(0, dtype=torch.int32)
+
+    out = fake_quantize_cpu(x, scale, zero_point, *quant_range)
+
+    expected = qatcore.fake_quantize_reference(x, scale, zero_point, *quant_range)
+    assert torch.equal(out, expected)
+    # Hand-computed: the codes clamp to the range, which float64 holds exactly.
+    assert out[0].item() == min(value, quant_range[1])
+
+
+def test_input_without_gradient_keeps_nothing() -> None:
+    x = torch.randn(6, 5)
+    scale = torch.tensor(0.05, requires_grad=True)
+
+    out = fake_quantize_cpu(x, scale, ZERO_POINT, 0, 255)
+
+    assert _saved_tensors(out) == []
+    with torch.no_grad():
+        x.mul_(2)  # changing x after the forward pass is allowed then
+    out.sum().backward()
+    assert scale.grad is None
+
+
+def test_leaf_changed_in_place_before_backward_raises() -> None:
+    # The kernel keeps a leaf input for the backward pass, as a float conv
+    # keeps its weight, so autograd detects the change.
+    weight = torch.randn(4, 3, requires_grad=True)
+    out = fake_quantize_cpu(weight, SCALE, ZERO_POINT, -8, 7)
+    with torch.no_grad():
+        weight.mul_(0.9)
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
