@@ -270,11 +270,14 @@ def _fake_quantize_forward(
     *,
     need_mask: bool,
     snapshot: bool = False,
+    check_scales: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, native.Layout | None]:
     """Return the output, the gradient mask when ``need_mask``, and the native layout used.
 
-    The caller has checked the range, axis and shapes; this function checks
-    the scale values, and raises :func:`qatcore.check_qparams`'s error.
+    The caller has checked the range, axis and shapes. With
+    ``check_scales`` this function checks the scale values, and raises
+    :func:`qatcore.check_qparams`'s error. The learnable kernel checks its
+    own scales first and passes False.
     """
     out = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.bool) if need_mask else None
@@ -287,7 +290,8 @@ def _fake_quantize_forward(
     # float32, or did not run. check_qparams raises for an invalid scale. A
     # float64 scale that is valid but leaves float32's range passes it, and
     # the ATen path computes what the reference computes for it.
-    check_qparams(x, scale, zero_point, quant_min, quant_max, axis)
+    if check_scales:
+        check_qparams(x, scale, zero_point, quant_min, quant_max, axis)
     if x.numel() == 0:
         return out, mask, None
     qparams = _Qparams(*prepare_qparams(x, scale, zero_point, quant_min, quant_max, axis))

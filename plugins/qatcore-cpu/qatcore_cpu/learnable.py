@@ -59,7 +59,14 @@ class _CPULearnableFakeQuantize(torch.autograd.Function):
             scale.detach().to(torch.float32), min=torch.finfo(torch.float32).eps
         )
         out, _, _ = _fake_quantize_forward(
-            x, clamped_scale, zero_point.detach(), quant_min, quant_max, axis, need_mask=False
+            x,
+            clamped_scale,
+            zero_point.detach(),
+            quant_min,
+            quant_max,
+            axis,
+            need_mask=False,
+            check_scales=False,
         )
         ctx.save_for_backward(x, scale, zero_point)
         ctx.quant_range = (quant_min, quant_max)
@@ -150,6 +157,13 @@ def fake_quantize_learnable_cpu(
         )
     clamped_scale = torch.clamp(scale.to(torch.float32), min=torch.finfo(torch.float32).eps)
     out, _, _ = _fake_quantize_forward(
-        x, clamped_scale, zero_point, quant_min, quant_max, axis, need_mask=False
+        x,
+        clamped_scale,
+        zero_point,
+        quant_min,
+        quant_max,
+        axis,
+        need_mask=False,
+        check_scales=False,
     )
     return out
