@@ -16,6 +16,8 @@ and the same bit pattern at every element, so ``-0.0`` differs from
 ``0.0``. The only exception is NaN: both tensors must have NaN at the same
 places, but the NaN's sign and payload are not compared, because IEEE 754
 does not fix them for the results of arithmetic and processors differ.
+Where the input is non-overlapping and dense, the output must also have
+the reference's strides, which are the input's.
 
 The module depends on torch and the core only, not on pytest.
 """
@@ -87,14 +89,18 @@ class KernelInputs:
 
     Attributes:
         x: Input of the case's dtype and layout. It does not require a gradient.
-        scale: float32 scale, ``()`` per-tensor or ``(C,)`` per-channel.
-            For learnable cases a leaf that requires a gradient.
-        zero_point: Zero point of the same shape: int32 or float32 for plain
-            cases, a float32 leaf that requires a gradient for learnable ones.
+        scale: Scale, ``()`` per-tensor or ``(C,)`` per-channel: float32,
+            float64 or float16. For learnable cases a leaf that requires a
+            gradient.
+        zero_point: Zero point of the same shape: int32, int64, float32 or
+            float16 for plain cases. For learnable cases a float leaf that
+            requires a gradient, float32 where the case's zero point is an
+            integer.
         quant_min: Smallest integer code.
         quant_max: Largest integer code.
         axis: ``None`` for per-tensor, else the channel axis of ``x``.
-        grad_output: Gradient of the output, contiguous, in ``x``'s dtype and shape.
+        grad_output: Gradient of the output in ``x``'s dtype and shape,
+            contiguous unless the case gives it a layout.
         grad_factor: Factor of the scale and zero-point gradients; ``None``
             for plain cases.
     """
@@ -159,6 +165,8 @@ class KernelCase:
         values: Builds the CPU tensors from a seeded generator.
         layout: Turns ``x``, on the target device, into the view or memory
             format under test; ``None`` keeps it contiguous.
+        grad_layout: Turns the output gradient into the view or memory
+            format under test, as ``layout`` does ``x``.
     """
 
     name: str
@@ -171,6 +179,7 @@ class KernelCase:
     raises: type[Exception] | None = None
     values: _ValuesFactory = attrs.field(eq=False, repr=False)
     layout: _Layout | None = attrs.field(default=None, eq=False, repr=False)
+    grad_layout: _Layout | None = attrs.field(default=None, eq=False, repr=False)
 
     def __str__(self) -> str:
         return self.name
@@ -184,15 +193,21 @@ class KernelCase:
         return self.values(generator)
 
     def _inputs(self, values: _Values, device: str | torch.device) -> KernelInputs:
-        """Copy ``values`` to ``device`` in the case's dtypes and layout."""
+        """Copy ``values`` to ``device`` in the case's dtypes and layouts."""
         x = values.x.to(device=device, dtype=self.dtype, copy=True)
         if self.layout is not None:
             x = self.layout(x)
-        scale = values.scale.to(device=device, dtype=torch.float32, copy=True)
+        grad_output = values.grad_output.to(device=device, dtype=self.dtype, copy=True)
+        if self.grad_layout is not None:
+            grad_output = self.grad_layout(grad_output)
+        scale = values.scale.to(device=device, copy=True)
         zero_point = values.zero_point.to(device=device, copy=True)
         if self.learnable:
             scale.requires_grad_()
-            zero_point = zero_point.to(torch.float32).requires_grad_()
+            # Only a float tensor can require a gradient.
+            if not zero_point.dtype.is_floating_point:
+                zero_point = zero_point.to(torch.float32)
+            zero_point.requires_grad_()
         return KernelInputs(
             x=x,
             scale=scale,
@@ -200,7 +215,7 @@ class KernelCase:
             quant_min=self.quant_min,
             quant_max=self.quant_max,
             axis=self.axis,
-            grad_output=values.grad_output.to(device=device, dtype=self.dtype, copy=True),
+            grad_output=grad_output,
             grad_factor=self.grad_factor if self.learnable else None,
         )
 
@@ -269,34 +284,81 @@ def assert_identical(actual: object, expected: torch.Tensor, name: str = "tensor
 
 @attrs.frozen
 class _Pass:
-    """One way to call a kernel on a case: grad mode, and whether ``x`` requires a gradient."""
+    """One way to call a kernel on a case.
+
+    Attributes:
+        description: Words that name the pass in a failure message.
+        grad_enabled: Whether grad mode is on.
+        x_requires_grad: Whether the leaf ``x`` requires a gradient.
+        non_leaf: Whether the kernel receives a copy of the leaf that has a
+            ``grad_fn``, as a layer's output has, in place of the leaf.
+    """
 
     description: str
     grad_enabled: bool
     x_requires_grad: bool
+    non_leaf: bool = False
 
 
 _PASSES = (
     _Pass("with gradients", grad_enabled=True, x_requires_grad=True),
     _Pass("with grad mode off", grad_enabled=False, x_requires_grad=True),
     _Pass("with an input that does not require grad", grad_enabled=True, x_requires_grad=False),
+    _Pass("with a non-leaf input", grad_enabled=True, x_requires_grad=True, non_leaf=True),
 )
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Return whether ``tensor`` has elements and is non-overlapping and dense.
+
+    Such a tensor's elements fill one block of memory, each element once, in
+    some order of its dimensions. Dimensions of size 1 do not change that
+    order, so their strides are ignored.
+    """
+    if tensor.numel() == 0:
+        return False
+    next_stride = 1
+    for stride, size in sorted(zip(tensor.stride(), tensor.shape)):
+        if size == 1:
+            continue
+        if stride != next_stride:
+            return False
+        next_stride *= size
+    return True
+
+
+def _layout_strides(tensor: torch.Tensor) -> tuple[int | None, ...]:
+    """Return ``tensor``'s strides with ``None`` for dimensions of size 1, which set no order."""
+    return tuple(
+        stride if size != 1 else None for stride, size in zip(tensor.stride(), tensor.shape)
+    )
 
 
 def _run(kernel: Kernel, inputs: KernelInputs, mode: _Pass) -> dict[str, Any]:
     """Call ``kernel`` on ``inputs`` in ``mode`` and return its results by name.
 
-    The results are the output, whether it requires a gradient, and the
-    gradients that a backward pass gives, where the output has a graph.
+    The results are the output, whether it requires a gradient, the output's
+    strides where ``x`` is dense, and the gradients that a backward pass
+    gives, where the output has a graph. The input gradient is the leaf's,
+    also when the kernel receives a non-leaf copy of it.
     """
     # detach() keeps x's strides, so the kernel receives the layout under test.
-    x = inputs.x.detach().requires_grad_(mode.x_requires_grad)
+    leaf = inputs.x.detach().requires_grad_(mode.x_requires_grad)
+    x = leaf
+    if mode.non_leaf:
+        # A dense leaf's copy has the leaf's strides. A sliced or expanded
+        # leaf's copy is contiguous, so the leaf passes test those views.
+        x = leaf.clone(memory_format=torch.preserve_format)
     with torch.set_grad_enabled(mode.grad_enabled):
         output = kernel(*inputs.arguments(x))
     results: dict[str, Any] = {"output": output}
     if not isinstance(output, torch.Tensor):
         return results
     results["output requires_grad"] = output.requires_grad
+    # The reference keeps a dense input's layout in its output, so a kernel
+    # must too. For other inputs the output's layout is free.
+    if _is_dense(x):
+        results["output strides"] = _layout_strides(output)
 
     # An output without a graph gets no backward pass; the comparison then
     # reports that it does not require a gradient where the reference's does.
@@ -304,7 +366,7 @@ def _run(kernel: Kernel, inputs: KernelInputs, mode: _Pass) -> dict[str, Any]:
     if output.requires_grad and (mode.x_requires_grad or learnable):
         output.backward(inputs.grad_output)
         if mode.x_requires_grad:
-            results["input gradient"] = x.grad
+            results["input gradient"] = leaf.grad
         if learnable:
             results["scale gradient"] = inputs.scale.grad
             results["zero-point gradient"] = inputs.zero_point.grad
@@ -313,6 +375,13 @@ def _run(kernel: Kernel, inputs: KernelInputs, mode: _Pass) -> dict[str, Any]:
 
 def _compare(case: KernelCase, mode: _Pass, result: str, actual: Any, expected: Any) -> None:
     prefix = f"case {case.name!r} {mode.description}"
+    if isinstance(expected, tuple):
+        if actual != expected:
+            raise AssertionError(
+                f"{prefix}: {result} differ: got {actual}, expected {expected} (None marks a "
+                "dimension of size 1, whose stride is not compared)"
+            )
+        return
     if isinstance(expected, bool):
         if actual != expected:
             raise AssertionError(f"{prefix}: {result} is {actual}, expected {expected}")
@@ -381,16 +450,24 @@ def check_kernel_case(
 ) -> None:
     """Check that ``kernel`` matches the reference kernel on ``case``, bit for bit.
 
-    The case runs on ``device`` three times. The first run has grad mode on
+    The case runs on ``device`` four times. The first run has grad mode on
     and ``x`` requiring a gradient, and a backward pass with the case's
     output gradient follows it. The second has grad mode off. The third has
-    grad mode on and ``x`` not requiring a gradient. Each time the kernel's
-    output, whether it requires a gradient, and the gradient of ``x`` must
-    equal those of the reference kernel on the same device. For learnable
-    kernels the gradients of ``scale`` and ``zero_point`` must equal too.
-    The kernel must leave its inputs and the output gradient unchanged.
-    Where the case expects an error, the kernel must raise it in the first
-    two runs, as the reference does.
+    grad mode on and ``x`` not requiring a gradient. The fourth repeats the
+    first with a non-leaf ``x``, a copy of the leaf made by
+    ``clone(memory_format=torch.preserve_format)``, and takes the input
+    gradient from the leaf. The copy of a non-overlapping and dense leaf has
+    the leaf's strides, and the copy of a sliced or expanded view is dense.
+    Each time the kernel's output, whether it requires a gradient, and the
+    gradient of ``x`` must equal those of the reference kernel on the same
+    device. For learnable kernels the gradients of ``scale`` and
+    ``zero_point`` must equal too. Where the kernel's ``x`` is
+    non-overlapping and dense, the output must have the reference's
+    strides, which are ``x``'s, except in dimensions of size 1, whose
+    strides do not change the memory order. The kernel must leave its
+    inputs and the output gradient unchanged. Where the case expects an
+    error, the kernel must raise it in the first two runs, as the
+    reference does.
 
     Args:
         kernel: A plain kernel, called as ``kernel(x, scale, zero_point,
@@ -405,7 +482,8 @@ def check_kernel_case(
         AssertionError: The kernel differs from the reference. The message
             names the case, the pass, the result (output, input gradient,
             scale gradient, zero-point gradient), what differs (dtype,
-            shape, device, values), the first differing index and both values.
+            shape, device, strides, values), the first differing index and
+            both values.
         ValueError: ``case.learnable`` is not ``learnable``.
         RuntimeError: The reference kernel does not raise the error that the
             case expects, so the case itself is wrong.
@@ -474,11 +552,22 @@ def check_kernel(
 
 
 def _qparams(
-    scales: list[float], zero_points: list[float], axis: int | None, *, float_zero_point: bool
+    scales: list[float],
+    zero_points: list[float],
+    axis: int | None,
+    *,
+    float_zero_point: bool,
+    scale_dtype: torch.dtype = torch.float32,
+    zero_point_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return a float32 scale and a zero point: float32 or int32, ``()`` when ``axis`` is None."""
-    scale = torch.tensor(scales, dtype=torch.float32)
-    zero_point_dtype = torch.float32 if float_zero_point else torch.int32
+    """Return a scale and a zero point, ``()`` when ``axis`` is None.
+
+    The zero point is of ``zero_point_dtype``, or float32 or int32 by
+    ``float_zero_point`` where that is ``None``.
+    """
+    scale = torch.tensor(scales, dtype=scale_dtype)
+    if zero_point_dtype is None:
+        zero_point_dtype = torch.float32 if float_zero_point else torch.int32
     zero_point = torch.tensor(zero_points, dtype=zero_point_dtype)
     if axis is None:
         return scale.reshape(()), zero_point.reshape(())
@@ -491,8 +580,13 @@ def _random_values(
     quant_range: tuple[int, int],
     *,
     float_zero_point: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+    zero_point_dtype: torch.dtype | None = None,
 ) -> _ValuesFactory:
-    """Return normal values of standard deviation 3 with random qparams per channel."""
+    """Return normal values of standard deviation 3 with random qparams per channel.
+
+    The qparams' dtypes are those of :func:`_qparams`.
+    """
     quant_min, quant_max = quant_range
 
     def make(generator: torch.Generator) -> _Values:
@@ -510,7 +604,12 @@ def _random_values(
         if float_zero_point:
             zero_point = zero_point + torch.rand(channels, generator=generator) - 0.5
         scale_tensor, zero_point_tensor = _qparams(
-            scale.tolist(), zero_point.tolist(), axis, float_zero_point=float_zero_point
+            scale.tolist(),
+            zero_point.tolist(),
+            axis,
+            float_zero_point=float_zero_point,
+            scale_dtype=scale_dtype,
+            zero_point_dtype=zero_point_dtype,
         )
         grad_output = torch.randn(shape, generator=generator, dtype=torch.float64)
         return _Values(
@@ -527,10 +626,13 @@ def _fixed_values(
     axis: int | None,
     *,
     float_zero_point: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
     grad_output: torch.Tensor | None = None,
 ) -> _ValuesFactory:
     """Return the given values and qparams, with a random output gradient unless one is given."""
-    scale, zero_point = _qparams(scales, zero_points, axis, float_zero_point=float_zero_point)
+    scale, zero_point = _qparams(
+        scales, zero_points, axis, float_zero_point=float_zero_point, scale_dtype=scale_dtype
+    )
 
     def make(generator: torch.Generator) -> _Values:
         gradient = grad_output
@@ -650,6 +752,7 @@ class _Recipe:
     axis: int | None
     values: _ValuesFactory
     layout: _Layout | None = None
+    grad_layout: _Layout | None = None
     plain: bool = True
     learnable: bool = True
     raises: type[Exception] | None = None
@@ -798,6 +901,164 @@ def _shape_recipes(float_zero_point: bool) -> Iterator[_Recipe]:
         )
 
 
+def _grad_layout_recipes(float_zero_point: bool) -> Iterator[_Recipe]:
+    def random(shape: tuple[int, ...], axis: int | None) -> _ValuesFactory:
+        return _random_values(shape, axis, _INT8, float_zero_point=float_zero_point)
+
+    # A contiguous x with an output gradient in another layout.
+    yield _Recipe(
+        name="transposed-grad-output-axis-0",
+        quant_range=_INT8,
+        axis=0,
+        values=random((33, 17), 0),
+        grad_layout=_transposed,
+    )
+    yield _Recipe(
+        name="channels-last-grad-output-axis-1",
+        quant_range=_INT8,
+        axis=1,
+        values=random((2, 6, 5, 7), 1),
+        grad_layout=_channels_last,
+    )
+    for axis in (None, 1):
+        row = random((1, 37), None)
+        full = random((5, 37), axis)
+
+        def expanded_values(
+            generator: torch.Generator, row: _ValuesFactory = row, full: _ValuesFactory = full
+        ) -> _Values:
+            return attrs.evolve(full(generator), grad_output=row(generator).grad_output)
+
+        yield _Recipe(
+            name=f"expanded-grad-output-{_axis_label(axis)}",
+            quant_range=_INT8,
+            axis=axis,
+            values=expanded_values,
+            grad_layout=_expanded,
+        )
+
+
+def _qparam_dtype_recipes(learnable: bool) -> Iterator[_Recipe]:
+    dtypes: list[tuple[str, torch.dtype | None, torch.dtype | None]] = [
+        ("float64-scale", torch.float64, None),
+        ("float16-scale", torch.float16, None),
+        ("int64-zero-point", None, torch.int64),
+        ("float16-zero-point", None, torch.float16),
+    ]
+    for label, scale_dtype, zero_point_dtype in dtypes:
+        for axis in (None, 0):
+            values = _random_values(
+                (6, 40),
+                axis,
+                _INT8,
+                float_zero_point=learnable,
+                scale_dtype=scale_dtype or torch.float32,
+                zero_point_dtype=zero_point_dtype,
+            )
+            yield _Recipe(
+                name=f"{label}-{_axis_label(axis)}",
+                quant_range=_INT8,
+                axis=axis,
+                values=values,
+                # A learnable case turns an integer zero point into float32.
+                learnable=zero_point_dtype != torch.int64,
+            )
+
+    # The reference checks these scales in float64, where they are finite
+    # and positive, and then computes with them in float32, where 1e39 is
+    # inf and 1e-50 is 0.
+    x = torch.tensor([1e-7, -3e-7, 2e-5, 0.0, 0.5, -0.5, 100.0, -3.0], dtype=torch.float64)
+    for label, value in (("1e39", 1e39), ("1e-50", 1e-50)):
+        yield _Recipe(
+            name=f"float64-scale-{label}-per-tensor",
+            quant_range=_INT8,
+            axis=None,
+            values=_fixed_values(x, [value], [0], None, scale_dtype=torch.float64),
+        )
+    yield _Recipe(
+        name="float64-scales-1e39-1e-50-axis-0",
+        quant_range=_INT8,
+        axis=0,
+        values=_fixed_values(
+            x.repeat(3, 1), [0.1, 1e39, 1e-50], [0, 0, 0], 0, scale_dtype=torch.float64
+        ),
+    )
+
+
+def _float16_overflow_recipes() -> Iterator[_Recipe]:
+    # Several codes times the scale of 1000 or 3000 exceed float16's largest
+    # value, 65504. The reference computes them in float32, and its cast to
+    # float16 turns them into inf.
+    x = torch.tensor(
+        [65504.0, -65504.0, 65000.0, -65000.0, 64000.0, 60000.0, 1000.0, 0.0, math.inf, -math.inf],
+        dtype=torch.float64,
+    )
+    yield _Recipe(
+        name="overflow-per-tensor",
+        quant_range=_INT8,
+        axis=None,
+        values=_fixed_values(x, [1000.0], [0], None),
+    )
+    yield _Recipe(
+        name="overflow-axis-0",
+        quant_range=_INT8,
+        axis=0,
+        values=_fixed_values(x.repeat(2, 1), [1000.0, 3000.0], [0, 100], 0),
+    )
+
+
+def _float64_wide_range_recipes() -> Iterator[_Recipe]:
+    # float32 cannot represent these ranges' ends 2**31 - 1 and 2**24 + 1,
+    # and rounds them to 2**31 and 2**24.
+    int32_range = (-(2**31), 2**31 - 1)
+    high = 2.0**31
+    int32_x = torch.tensor(
+        [
+            high,
+            high - 1,
+            high - 0.5,
+            high - 1.5,
+            high + 1,
+            1e10,
+            12345.5,
+            0.0,
+            -high,
+            -high - 0.5,
+            -high - 1,
+            -high + 1,
+            -1e10,
+        ],
+        dtype=torch.float64,
+    )
+    yield _Recipe(
+        name="range-int32-per-tensor",
+        quant_range=int32_range,
+        axis=None,
+        values=_fixed_values(int32_x, [1.0], [0], None),
+    )
+    yield _Recipe(
+        name="range-int32-axis-0",
+        quant_range=int32_range,
+        axis=0,
+        values=_fixed_values(torch.stack([int32_x, int32_x * 0.5]), [1.0, 0.5], [0, 0], 0),
+    )
+    top = 2.0**24 + 1
+    yield _Recipe(
+        name="range-0-to-16777217-per-tensor",
+        quant_range=(0, 2**24 + 1),
+        axis=None,
+        values=_fixed_values(
+            torch.tensor(
+                [top, top - 1, top + 1, top - 2, top - 0.5, top + 0.5, 0.0, -1.0, 2.0**23 + 0.5],
+                dtype=torch.float64,
+            ),
+            [1.0],
+            [0],
+            None,
+        ),
+    )
+
+
 def _scale_recipes() -> Iterator[_Recipe]:
     x = torch.tensor([1e-7, -3e-7, 2e-5, 0.0, 0.5, -0.5], dtype=torch.float64)
     for label, value in (("zero", 0.0), ("negative", -0.1), ("nan", math.nan), ("inf", math.inf)):
@@ -845,7 +1106,9 @@ def _recipes(learnable: bool) -> Iterator[_Recipe]:
     yield from _rounding_recipes()
     yield from _non_finite_recipes()
     yield from _shape_recipes(float_zero_point=learnable)
+    yield from _grad_layout_recipes(float_zero_point=learnable)
     yield from _bit_width_recipes(float_zero_point=learnable)
+    yield from _qparam_dtype_recipes(learnable)
 
 
 def _large_cases(learnable: bool) -> list[KernelCase]:
@@ -903,8 +1166,18 @@ def kernel_cases(
     - empty tensors and a 0-dim tensor;
     - a view sliced with a step, a transposed view and an expanded view;
     - channels_last 4-d and channels_last_3d 5-d tensors;
-    - 2, 4, 8 and 16-bit ranges, signed and unsigned.
+    - output gradients in a transposed, channels_last or expanded layout,
+      with a contiguous ``x``;
+    - 2, 4, 8 and 16-bit ranges, signed and unsigned;
+    - float64 and float16 scales, and float16 zero points; plain cases add
+      int64 zero points;
+    - float64 scales of 1e39 and 1e-50, which the reference accepts because
+      it checks the scale in float64, and then computes with in float32,
+      where they are inf and 0.
 
+    float16 adds cases whose dequantized values exceed 65504, which the
+    reference's cast to float16 turns into inf. float64 adds the int32 range
+    and the range ``[0, 2**24 + 1]``, whose ends float32 cannot represent.
     Plain cases add scales of 0, below 0, NaN and inf, which must
     raise ``ValueError``. Learnable cases have float zero points, and
     expect ``ValueError`` only for NaN and inf scales, because a learnable
@@ -928,7 +1201,18 @@ def kernel_cases(
     cases = []
     for dtype_name, dtype in dtypes.items():
         for recipe in _recipes(learnable):
-            cases.append(_case(recipe, dtype_name, dtype, learnable))
+            if recipe.learnable if learnable else recipe.plain:
+                cases.append(_case(recipe, dtype_name, dtype, learnable))
+    # Only float16 overflows below float32's range, and only float64 input
+    # is computed in a dtype that represents every int32 code.
+    for dtype_name, recipes in (
+        ("float16", _float16_overflow_recipes()),
+        ("float64", _float64_wide_range_recipes()),
+    ):
+        if dtype_name in dtypes:
+            cases.extend(
+                _case(recipe, dtype_name, dtypes[dtype_name], learnable) for recipe in recipes
+            )
     # Cases of argument checking depend on the scale alone, so float32 is enough.
     for recipe in _scale_recipes():
         for_this_kind = recipe.learnable if learnable else recipe.plain
@@ -953,4 +1237,5 @@ def _case(recipe: _Recipe, dtype_name: str, dtype: torch.dtype, learnable: bool)
         raises=recipe.raises,
         values=recipe.values,
         layout=recipe.layout,
+        grad_layout=recipe.grad_layout,
     )

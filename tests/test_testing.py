@@ -39,6 +39,10 @@ def _round_half_away_from_zero(values: torch.Tensor) -> torch.Tensor:
     return torch.sign(values) * torch.floor(torch.abs(values) + 0.5)
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
 class _WrongFakeQuantize(torch.autograd.Function):
     """The reference kernel's math with one bug, chosen by ``bug``."""
 
@@ -53,9 +57,21 @@ class _WrongFakeQuantize(torch.autograd.Function):
         axis: int | None,
         bug: str,
     ) -> torch.Tensor:
+        if bug == "int64 zero point read as int32" and zero_point.dtype == torch.int64:
+            # Reads the zero point's memory as int32, as a kernel written for
+            # int32 would, which gives the low and high halves of the first values.
+            zero_point = zero_point.reshape(-1).view(torch.int32)[: zero_point.numel()]
+            zero_point = zero_point.reshape(scale.shape)
         scale_c, inv_scale, zero_point_c = qatcore.prepare_qparams(
             x, scale, zero_point, quant_min, quant_max, axis
         )
+        if bug == "scale in the compute dtype":
+            # Skips the reference's rounding of the scale to float32.
+            scale_c = scale.to(scale_c.dtype).reshape(scale_c.shape)
+            inv_scale = torch.reciprocal(scale_c)
+        if bug == "range in float32":
+            quant_min = torch.tensor(quant_min, dtype=torch.float32).item()
+            quant_max = torch.tensor(quant_max, dtype=torch.float32).item()
         if bug == "unrounded zero point":
             zero_point_c = zero_point.to(scale_c.dtype).clamp(quant_min, quant_max)
             zero_point_c = zero_point_c.reshape(scale_c.shape)
@@ -85,13 +101,20 @@ class _WrongFakeQuantize(torch.autograd.Function):
         else:
             inside = (code >= quant_min) & (code <= quant_max)
         ctx.save_for_backward(inside)
+        ctx.bug = bug
         if bug == "output in the compute dtype":
             return output
+        if bug == "saturating float16 cast" and x.dtype == torch.float16:
+            output = output.clamp(-65504.0, 65504.0)
         return output.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (inside,) = ctx.saved_tensors
+        if ctx.bug == "contiguous output gradient":
+            # Reads the gradient's memory in row-major order whatever its strides.
+            shape = grad_output.shape
+            grad_output = grad_output.as_strided(shape, _contiguous_strides(shape))
         return grad_output * inside, None, None, None, None, None, None
 
 
@@ -140,6 +163,72 @@ def detached_kernel(
 ) -> torch.Tensor:
     return qatcore.fake_quantize_reference(
         x.detach(), scale, zero_point, quant_min, quant_max, axis
+    )
+
+
+def contiguous_output_kernel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    return qatcore.fake_quantize_reference(
+        x.contiguous(), scale, zero_point, quant_min, quant_max, axis
+    )
+
+
+def non_leaf_kernel(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Return the reference's results, but pass the gradient outside the range for a non-leaf x."""
+    if x.grad_fn is None:
+        return qatcore.fake_quantize_reference(x, *args)
+    return wrong_kernel("gradient outside the range")(x, *args)
+
+
+def float32_scale_check_kernel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    # Checks the scale after its cast to float32, where 1e39 is inf.
+    qatcore.check_qparams(x, scale.to(torch.float32), zero_point, quant_min, quant_max, axis)
+    return qatcore.fake_quantize_reference(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def float32_qparams_only_kernel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    if scale.dtype != torch.float32:
+        raise TypeError(f"expected a float32 scale, got {scale.dtype}")
+    if zero_point.dtype not in (torch.int32, torch.float32):
+        raise TypeError(f"expected an int32 or float32 zero point, got {zero_point.dtype}")
+    return qatcore.fake_quantize_reference(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def learnable_float32_scale_check_kernel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None,
+    grad_factor: float,
+) -> torch.Tensor:
+    # Checks the scale after its cast to float32, where 1e39 is inf.
+    qatcore.check_qparams(
+        x, scale.detach().to(torch.float32), zero_point, quant_min, quant_max, axis, learnable=True
+    )
+    return qatcore.fake_quantize_learnable_reference(
+        x, scale, zero_point, quant_min, quant_max, axis, grad_factor
     )
 
 
@@ -249,6 +338,87 @@ WRONG_KERNELS = {
         "float32-random-per-tensor",
         r"with gradients: output requires_grad is False, expected True",
     ),
+    "contiguous-output": (
+        contiguous_output_kernel,
+        "float32-channels-last-axis-1",
+        r"with gradients: output strides differ: got \(210, 35, 7, 1\), "
+        r"expected \(210, 1, 42, 6\)",
+    ),
+    "contiguous-output-3d": (
+        contiguous_output_kernel,
+        "bfloat16-channels-last-3d-per-tensor",
+        r"with gradients: output strides differ: got \(360, 90, 30, 6, 1\), "
+        r"expected \(360, 1, 120, 24, 4\)",
+    ),
+    "non-leaf-gradient": (
+        non_leaf_kernel,
+        "float32-range-edges-int4-per-tensor",
+        r"with a non-leaf input: input gradient differs at index \(0,\): got .*, expected -?0\.0 ",
+    ),
+    "transposed-grad-output": (
+        wrong_kernel("contiguous output gradient"),
+        "float32-transposed-grad-output-axis-0",
+        r"with gradients: input gradient differs at index \(\d+, \d+\)",
+    ),
+    "channels-last-grad-output": (
+        wrong_kernel("contiguous output gradient"),
+        "float16-channels-last-grad-output-axis-1",
+        r"with gradients: input gradient differs at index \(\d+, \d+, \d+, \d+\)",
+    ),
+    "expanded-grad-output": (
+        wrong_kernel("contiguous output gradient"),
+        "float32-expanded-grad-output-axis-1",
+        r"with gradients: the kernel raised RuntimeError: .*out of bounds",
+    ),
+    "float64-scale-unrounded": (
+        wrong_kernel("scale in the compute dtype"),
+        "float64-float64-scale-axis-0",
+        r"with gradients: output differs at index \(\d+, \d+\)",
+    ),
+    "float64-scale-checked-in-float32": (
+        float32_scale_check_kernel,
+        "float32-float64-scale-1e39-per-tensor",
+        r"with gradients: the kernel raised ValueError: .*got \[inf\]",
+    ),
+    "float64-tiny-scale-checked-in-float32": (
+        float32_scale_check_kernel,
+        "float16-float64-scale-1e-50-per-tensor",
+        r"with gradients: the kernel raised ValueError: .*got \[0\.0\]",
+    ),
+    "float16-scale-rejected": (
+        float32_qparams_only_kernel,
+        "float32-float16-scale-axis-0",
+        r"with gradients: the kernel raised TypeError: "
+        r"expected a float32 scale, got torch\.float16",
+    ),
+    "float16-zero-point-rejected": (
+        float32_qparams_only_kernel,
+        "bfloat16-float16-zero-point-per-tensor",
+        r"the kernel raised TypeError: expected an int32 or float32 zero point, got torch\.float16",
+    ),
+    "int64-zero-point-as-int32": (
+        wrong_kernel("int64 zero point read as int32"),
+        "float32-int64-zero-point-axis-0",
+        r"with gradients: output differs at index \(1, \d+\)",
+    ),
+    "float16-saturating-cast": (
+        wrong_kernel("saturating float16 cast"),
+        "float16-overflow-per-tensor",
+        r"with gradients: output differs at index \(0,\): got 65504\.0 \(bits 0x7bff\), "
+        r"expected inf \(bits 0x7c00\)",
+    ),
+    "float64-int32-range-in-float32": (
+        wrong_kernel("range in float32"),
+        "float64-range-int32-per-tensor",
+        r"with gradients: output differs at index \(0,\): got 2147483648\.0 .*, "
+        r"expected 2147483647\.0 ",
+    ),
+    "float64-wide-range-in-float32": (
+        wrong_kernel("range in float32"),
+        "float64-range-0-to-16777217-per-tensor",
+        r"with gradients: output differs at index \(0,\): got 16777216\.0 .*, "
+        r"expected 16777217\.0 ",
+    ),
 }
 
 
@@ -280,6 +450,11 @@ WRONG_LEARNABLE_KERNELS = {
         lambda *args: wrong_kernel("round half away from zero")(*args[:-1]),
         "float64-ties-uint8-axis-0",
         r"with gradients: output differs at index \(\d+, \d+\)",
+    ),
+    "float64-scale-checked-in-float32": (
+        learnable_float32_scale_check_kernel,
+        "float32-float64-scale-1e39-per-tensor",
+        r"with gradients: the kernel raised ValueError: .*got \[inf\]",
     ),
 }
 
@@ -395,8 +570,21 @@ def test_cases_cover_every_feature(cases: list[KernelCase]) -> None:
         "expanded-axis-1",
         "channels-last-axis-1",
         "channels-last-3d-axis-1",
+        "transposed-grad-output-axis-0",
+        "channels-last-grad-output-axis-1",
+        "expanded-grad-output-per-tensor",
+        "expanded-grad-output-axis-1",
         *(f"{bits}-per-tensor" for bits in ("int2", "int4", "int8", "int16")),
         *(f"{bits}-axis-0" for bits in ("uint2", "uint4", "uint8", "uint16")),
+        "float64-scale-per-tensor",
+        "float64-scale-axis-0",
+        "float16-scale-per-tensor",
+        "float16-scale-axis-0",
+        "float16-zero-point-per-tensor",
+        "float16-zero-point-axis-0",
+        "float64-scale-1e39-per-tensor",
+        "float64-scale-1e-50-per-tensor",
+        "float64-scales-1e39-1e-50-axis-0",
     ]
 
     for dtype in ("float32", "float64", "float16", "bfloat16"):
@@ -404,11 +592,25 @@ def test_cases_cover_every_feature(cases: list[KernelCase]) -> None:
             assert f"{dtype}-{feature}" in names
     assert "float32-large-axis-1" in names
     assert "float32-invalid-scale-nan-axis-0" in names
+    assert "float16-overflow-per-tensor" in names
+    assert "float16-overflow-axis-0" in names
+    assert "float64-range-int32-per-tensor" in names
+    assert "float64-range-int32-axis-0" in names
+    assert "float64-range-0-to-16777217-per-tensor" in names
+
+
+def test_int64_zero_point_cases_plain_only() -> None:
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
+        for axis in ("per-tensor", "axis-0"):
+            name = f"{dtype}-int64-zero-point-{axis}"
+            assert name in PLAIN
+            assert name not in LEARNABLE
 
 
 def test_invalid_scale_cases_expect_value_error() -> None:
-    plain = {name: case.raises for name, case in PLAIN.items() if "scale-" in name}
-    learnable = {name: case.raises for name, case in LEARNABLE.items() if "scale-" in name}
+    prefixes = ("float32-scale-", "float32-invalid-scale-")
+    plain = {name: case.raises for name, case in PLAIN.items() if name.startswith(prefixes)}
+    learnable = {name: case.raises for name, case in LEARNABLE.items() if name.startswith(prefixes)}
 
     assert len(plain) == 8
     assert set(plain.values()) == {ValueError}
@@ -493,6 +695,177 @@ def test_layout_cases_have_their_layout() -> None:
     assert not channels_last.is_contiguous()
     assert channels_last_3d.is_contiguous(memory_format=torch.channels_last_3d)
     assert not channels_last_3d.is_contiguous()
+
+
+def test_grad_output_cases_have_their_layout() -> None:
+    transposed = PLAIN["float32-transposed-grad-output-axis-0"].build()
+    channels_last = LEARNABLE["float16-channels-last-grad-output-axis-1"].build()
+    expanded = PLAIN["bfloat16-expanded-grad-output-axis-1"].build()
+
+    assert transposed.x.is_contiguous()
+    assert transposed.grad_output.stride() == (1, 33)
+    assert channels_last.x.is_contiguous()
+    assert channels_last.grad_output.is_contiguous(memory_format=torch.channels_last)
+    assert not channels_last.grad_output.is_contiguous()
+    assert expanded.x.is_contiguous()
+    assert expanded.grad_output.shape == expanded.x.shape
+    assert expanded.grad_output.stride() == (0, 1)
+
+
+@pytest.mark.parametrize("cases", [PLAIN, LEARNABLE], ids=["plain", "learnable"])
+def test_qparam_dtype_cases_have_their_dtypes(cases: dict[str, KernelCase]) -> None:
+    float64_scale = cases["float32-float64-scale-axis-0"].build()
+    float16_scale = cases["float64-float16-scale-per-tensor"].build()
+    float16_zero_point = cases["float16-float16-zero-point-axis-0"].build()
+
+    assert float64_scale.scale.dtype == torch.float64
+    # Scales that float32 cannot represent, so that the cast to float32 matters.
+    assert not torch.equal(float64_scale.scale.float().double(), float64_scale.scale)
+    assert float16_scale.scale.dtype == torch.float16
+    assert float16_zero_point.zero_point.dtype == torch.float16
+    assert float16_zero_point.scale.dtype == torch.float32
+
+
+def test_int64_zero_point_case_dtype() -> None:
+    inputs = PLAIN["float32-int64-zero-point-axis-0"].build()
+
+    assert inputs.zero_point.dtype == torch.int64
+    assert inputs.scale.dtype == torch.float32
+
+
+def test_learnable_float16_zero_point_requires_grad() -> None:
+    inputs = LEARNABLE["float32-float16-zero-point-per-tensor"].build()
+
+    assert inputs.zero_point.dtype == torch.float16
+    assert inputs.zero_point.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("case_name", "scale_in_float32"),
+    [
+        ("float32-float64-scale-1e39-per-tensor", [math.inf]),
+        ("float64-float64-scale-1e-50-per-tensor", [0.0]),
+        ("float16-float64-scales-1e39-1e-50-axis-0", [0.1, math.inf, 0.0]),
+    ],
+)
+def test_extreme_float64_scales_accepted(case_name: str, scale_in_float32: list[float]) -> None:
+    case = PLAIN[case_name]
+    inputs = case.build()
+
+    output = qatcore.fake_quantize_reference(*inputs.arguments())
+
+    assert case.raises is None
+    assert LEARNABLE[case_name].raises is None
+    assert inputs.scale.dtype == torch.float64
+    assert inputs.scale.reshape(-1).float().tolist() == pytest.approx(scale_in_float32)
+    assert output.shape == inputs.x.shape
+
+
+def test_float16_overflow_case_gives_inf() -> None:
+    inputs = PLAIN["float16-overflow-per-tensor"].build()
+
+    output = qatcore.fake_quantize_reference(*inputs.arguments())
+
+    assert inputs.x[0].item() == 65504.0
+    assert output[0].item() == math.inf
+    assert output[1].item() == -math.inf
+    assert inputs.x.dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("case_name", "quant_range", "expected"),
+    [
+        ("float64-range-int32-per-tensor", (-(2**31), 2**31 - 1), 2**31 - 1),
+        ("float64-range-0-to-16777217-per-tensor", (0, 2**24 + 1), 2**24 + 1),
+    ],
+)
+def test_wide_range_case_needs_float64(
+    case_name: str, quant_range: tuple[int, int], expected: int
+) -> None:
+    inputs = PLAIN[case_name].build()
+
+    output = qatcore.fake_quantize_reference(*inputs.arguments())
+
+    assert inputs.x.dtype == torch.float64
+    assert (inputs.quant_min, inputs.quant_max) == quant_range
+    # The first value clamps to, or equals, the range's top, which float32 cannot represent.
+    assert output[0].item() == expected
+    assert float(torch.tensor(expected, dtype=torch.float32)) != expected
+
+
+def test_non_leaf_pass_keeps_dense_layout() -> None:
+    calls: list[tuple[bool, tuple[int, ...]]] = []
+
+    def recording_kernel(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append((x.grad_fn is not None, x.stride()))
+        return qatcore.fake_quantize_reference(x, *args)
+
+    for name in (
+        "float32-random-axis-1",
+        "float32-transposed-per-tensor",
+        "float16-channels-last-axis-3",
+        "bfloat16-channels-last-3d-axis-1",
+        "float64-scalar-per-tensor",
+    ):
+        calls.clear()
+        check_kernel_case(recording_kernel, PLAIN[name])
+
+        non_leaf = [strides for has_grad_fn, strides in calls if has_grad_fn]
+        assert non_leaf == [PLAIN[name].build().x.stride()]
+        assert len(calls) == 4
+
+
+def test_non_leaf_pass_catches_detached_output() -> None:
+    # The kernel detaches x only where x has a grad_fn, so the leaf passes succeed.
+    with pytest.raises(
+        AssertionError,
+        match=r"^case 'float32-random-per-tensor' with a non-leaf input: output requires_grad",
+    ):
+        check_kernel_case(
+            lambda x, *args: (
+                detached_kernel(x, *args)
+                if x.grad_fn is not None
+                else qatcore.fake_quantize_reference(x, *args)
+            ),
+            PLAIN["float32-random-per-tensor"],
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+    "case_name",
+    [
+        "random-axis-1",
+        "transposed-axis-0",
+        "channels-last-axis-3",
+        "channels-last-3d-per-tensor",
+        "scalar-per-tensor",
+    ],
+)
+def test_reference_output_keeps_dense_layout(dtype: str, case_name: str) -> None:
+    inputs = PLAIN[f"{dtype}-{case_name}"].build()
+
+    output = qatcore.fake_quantize_reference(*inputs.arguments())
+
+    assert output.stride() == inputs.x.stride()
+
+
+def test_output_strides_not_compared_for_views() -> None:
+    # The rule covers non-overlapping and dense inputs only, so a kernel may
+    # return any layout for a sliced or expanded view.
+    def transposed_output_kernel(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        output = qatcore.fake_quantize_reference(x, *args)
+        if x.is_contiguous():
+            return output
+        return output.transpose(0, -1).contiguous().transpose(0, -1)
+
+    for name in ("float32-sliced-axis-0", "float32-expanded-axis-1"):
+        inputs = PLAIN[name].build()
+        output = transposed_output_kernel(*inputs.arguments())
+        expected = qatcore.fake_quantize_reference(*inputs.arguments())
+
+        assert output.stride() != expected.stride()
+        check_kernel_case(transposed_output_kernel, PLAIN[name])
 
 
 def test_shape_cases_have_their_shape() -> None:
