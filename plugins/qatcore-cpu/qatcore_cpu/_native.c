@@ -28,6 +28,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 
 /* GCC and Clang on x86-64 Linux build an AVX2 clone of each loop next to
@@ -124,9 +125,8 @@ typedef struct {
 } Layout;
 
 static int parse_layout(Layout *layout, int kind, long long channels, long long inner,
-                        long long start, long long stop, unsigned long long scales,
-                        unsigned long long zero_points, int zero_point_kind, double quant_min,
-                        double quant_max) {
+                        unsigned long long scales, unsigned long long zero_points,
+                        int zero_point_kind, double quant_min, double quant_max) {
     if (kind != KIND_FLOAT32 && kind != KIND_FLOAT64) {
         PyErr_Format(PyExc_ValueError, "unknown dtype kind %d; expected 0 (float32) or 1 (float64)",
                      kind);
@@ -138,17 +138,16 @@ static int parse_layout(Layout *layout, int kind, long long channels, long long 
                      zero_point_kind);
         return -1;
     }
-    if (channels < 1 || inner < 1 || start < 0 || stop < start) {
-        PyErr_Format(PyExc_ValueError,
-                     "invalid layout: channels=%lld, inner=%lld, start=%lld, stop=%lld", channels,
-                     inner, start, stop);
+    if (channels < 1 || inner < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid layout: channels=%lld, inner=%lld", channels,
+                     inner);
         return -1;
     }
     layout->kind = kind;
     layout->channels = channels;
     layout->inner = inner;
-    layout->start = start;
-    layout->stop = stop;
+    layout->start = 0;
+    layout->stop = 0;
     layout->scales = (const float *)(uintptr_t)scales;
     layout->zero_points = (const void *)(uintptr_t)zero_points;
     layout->zero_point_kind = zero_point_kind;
@@ -180,26 +179,142 @@ static int parse_layout(Layout *layout, int kind, long long channels, long long 
         }                                                                                \
     } while (0)
 
-static PyObject *native_forward(PyObject *self, PyObject *args) {
-    int kind, zero_point_kind;
-    long long channels, inner, start, stop;
-    unsigned long long x, out, inside, scales, zero_points;
-    double quant_min, quant_max;
-    if (!PyArg_ParseTuple(args, "iKKKLLLLKKidd", &kind, &x, &out, &inside, &channels, &inner,
-                          &start, &stop, &scales, &zero_points, &zero_point_kind, &quant_min,
-                          &quant_max))
-        return NULL;
-    Layout layout;
-    if (parse_layout(&layout, kind, channels, inner, start, stop, scales, zero_points,
-                     zero_point_kind, quant_min, quant_max) < 0)
-        return NULL;
+/* -- threads ------------------------------------------------------------------------- */
 
+/* One job runs a function over the parts of [0, numel): part i covers
+ * [i * step, min((i + 1) * step, numel)). The calling thread and a pool of
+ * worker threads take parts until none is left, and the results of the
+ * parts are summed. Waking a pool thread through a condition variable
+ * costs some microseconds, where a Python thread pool costs tens. */
+typedef struct Job Job;
+typedef int64_t (*PartFunction)(const Job *job, int part, int64_t start, int64_t stop);
+
+struct Job {
+    PartFunction run;
+    const void *arguments;
+    int64_t numel, step;
+    int parts;
+};
+
+#define MAX_WORKERS 64
+
+static struct {
+    pthread_mutex_t lock;    /* guards every field below */
+    pthread_cond_t work;     /* a job has parts to take */
+    pthread_cond_t finished; /* the job's last part is done */
+    pthread_mutex_t job;     /* one job at a time */
+    int workers;
+    const Job *current;
+    int next_part, unfinished;
+    int64_t total;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_MUTEX_INITIALIZER, 0, NULL, 0, 0, 0};
+
+/* Take and run parts of the current job while there are any; pool.lock is held
+ * on entry and on return. */
+static void take_parts(void) {
+    while (pool.current != NULL && pool.next_part < pool.current->parts) {
+        const Job *job = pool.current;
+        int part = pool.next_part++;
+        pthread_mutex_unlock(&pool.lock);
+        int64_t start = part * job->step;
+        int64_t stop = start + job->step < job->numel ? start + job->step : job->numel;
+        int64_t result = job->run(job, part, start, stop);
+        pthread_mutex_lock(&pool.lock);
+        pool.total += result;
+        if (--pool.unfinished == 0) pthread_cond_signal(&pool.finished);
+    }
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        take_parts();
+        pthread_cond_wait(&pool.work, &pool.lock);
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's threads, and a lock that one of
+ * them held stays held: the child starts with a fresh pool. */
+static void reset_pool_in_child(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.finished, NULL);
+    pthread_mutex_init(&pool.job, NULL);
+    pool.workers = 0;
+    pool.current = NULL;
+    pool.next_part = pool.unfinished = 0;
+    pool.total = 0;
+}
+
+/* Start worker threads until there are `wanted`, at most MAX_WORKERS; pool.lock is held. */
+static void start_workers(int wanted) {
+    if (wanted > MAX_WORKERS) wanted = MAX_WORKERS;
+    while (pool.workers < wanted) {
+        pthread_t thread;
+        pthread_attr_t attributes;
+        pthread_attr_init(&attributes);
+        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&thread, &attributes, worker_main, NULL);
+        pthread_attr_destroy(&attributes);
+        if (failed) break; /* the caller takes the parts that no worker takes */
+        pool.workers++;
+    }
+}
+
+/* Run `job` and return the sum of its parts' results. Call it without the GIL. */
+static int64_t run_job(const Job *job) {
+    if (job->parts <= 1) return job->run(job, 0, 0, job->numel);
+    pthread_mutex_lock(&pool.job);
+    pthread_mutex_lock(&pool.lock);
+    start_workers(job->parts - 1);
+    pool.current = job;
+    pool.next_part = 0;
+    pool.unfinished = job->parts;
+    pool.total = 0;
+    pthread_cond_broadcast(&pool.work);
+    take_parts();
+    while (pool.unfinished > 0) pthread_cond_wait(&pool.finished, &pool.lock);
+    int64_t total = pool.total;
+    pool.current = NULL;
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.job);
+    return total;
+}
+
+/* Check that `parts` parts of `step` elements cover [0, numel), none of them empty
+ * but for a single part of an empty tensor. */
+static int parse_parts(long long numel, long long step, int parts) {
+    int covers = numel >= 0 && step >= 1 && parts >= 1 && (long long)parts * step >= numel;
+    int none_empty = parts == 1 || (long long)(parts - 1) * step < numel;
+    if (!covers || !none_empty) {
+        PyErr_Format(PyExc_ValueError, "invalid parts: numel=%lld, step=%lld, parts=%d", numel,
+                     step, parts);
+        return -1;
+    }
+    return 0;
+}
+
+/* -- entry points -------------------------------------------------------------------- */
+
+typedef struct {
+    Layout layout;
+    uintptr_t x, out, inside, grad;
+} LoopArguments;
+
+static int64_t forward_part(const Job *job, int part, int64_t start, int64_t stop) {
+    (void)part;
+    const LoopArguments *arguments = (const LoopArguments *)job->arguments;
+    Layout layout = arguments->layout;
+    layout.start = start;
+    layout.stop = stop;
     int64_t invalid_ = 0;
-    Py_BEGIN_ALLOW_THREADS
-    unsigned char *mask = (unsigned char *)(uintptr_t)inside;
-    if (kind == KIND_FLOAT32) {
-        const float *xs = (const float *)(uintptr_t)x;
-        float *outs = (float *)(uintptr_t)out;
+    unsigned char *mask = (unsigned char *)arguments->inside;
+    if (layout.kind == KIND_FLOAT32) {
+        const float *xs = (const float *)arguments->x;
+        float *outs = (float *)arguments->out;
 #define RUN_F32(first, count, q)                                                           \
     forward_run_f32(xs + (first), outs + (first), mask ? mask + (first) : NULL, (count),    \
                     q.scale, q.inv_scale, q.zero_point, (float)layout.quant_min,            \
@@ -207,8 +322,8 @@ static PyObject *native_forward(PyObject *self, PyObject *args) {
         FOR_EACH_CHANNEL_RUN(layout, RUN_F32);
 #undef RUN_F32
     } else {
-        const double *xs = (const double *)(uintptr_t)x;
-        double *outs = (double *)(uintptr_t)out;
+        const double *xs = (const double *)arguments->x;
+        double *outs = (double *)arguments->out;
 #define RUN_F64(first, count, q)                                                           \
     forward_run_f64(xs + (first), outs + (first), mask ? mask + (first) : NULL, (count),    \
                     (double)q.scale, (double)q.inv_scale, (double)q.zero_point,             \
@@ -216,39 +331,29 @@ static PyObject *native_forward(PyObject *self, PyObject *args) {
         FOR_EACH_CHANNEL_RUN(layout, RUN_F64);
 #undef RUN_F64
     }
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong(invalid_);
+    return invalid_;
 }
 
-static PyObject *native_input_gradient(PyObject *self, PyObject *args) {
-    int kind, zero_point_kind;
-    long long channels, inner, start, stop;
-    unsigned long long grad, x, out, scales, zero_points;
-    double quant_min, quant_max;
-    if (!PyArg_ParseTuple(args, "iKKKLLLLKKidd", &kind, &grad, &x, &out, &channels, &inner,
-                          &start, &stop, &scales, &zero_points, &zero_point_kind, &quant_min,
-                          &quant_max))
-        return NULL;
-    Layout layout;
-    if (parse_layout(&layout, kind, channels, inner, start, stop, scales, zero_points,
-                     zero_point_kind, quant_min, quant_max) < 0)
-        return NULL;
-
+static int64_t input_gradient_part(const Job *job, int part, int64_t start, int64_t stop) {
+    (void)part;
+    const LoopArguments *arguments = (const LoopArguments *)job->arguments;
+    Layout layout = arguments->layout;
+    layout.start = start;
+    layout.stop = stop;
     int64_t invalid_ = 0;
-    Py_BEGIN_ALLOW_THREADS
-    if (kind == KIND_FLOAT32) {
-        const float *gs = (const float *)(uintptr_t)grad;
-        const float *xs = (const float *)(uintptr_t)x;
-        float *outs = (float *)(uintptr_t)out;
+    if (layout.kind == KIND_FLOAT32) {
+        const float *gs = (const float *)arguments->grad;
+        const float *xs = (const float *)arguments->x;
+        float *outs = (float *)arguments->out;
 #define RUN_F32(first, count, q)                                                          \
     input_gradient_run_f32(gs + (first), xs + (first), outs + (first), (count), q.inv_scale, \
                            q.zero_point, (float)layout.quant_min, (float)layout.quant_max)
         FOR_EACH_CHANNEL_RUN(layout, RUN_F32);
 #undef RUN_F32
     } else {
-        const double *gs = (const double *)(uintptr_t)grad;
-        const double *xs = (const double *)(uintptr_t)x;
-        double *outs = (double *)(uintptr_t)out;
+        const double *gs = (const double *)arguments->grad;
+        const double *xs = (const double *)arguments->x;
+        double *outs = (double *)arguments->out;
 #define RUN_F64(first, count, q)                                                            \
     input_gradient_run_f64(gs + (first), xs + (first), outs + (first), (count),               \
                            (double)q.inv_scale, (double)q.zero_point, layout.quant_min,         \
@@ -256,31 +361,87 @@ static PyObject *native_input_gradient(PyObject *self, PyObject *args) {
         FOR_EACH_CHANNEL_RUN(layout, RUN_F64);
 #undef RUN_F64
     }
+    return invalid_;
+}
+
+static int64_t masked_gradient_part(const Job *job, int part, int64_t start, int64_t stop) {
+    (void)part;
+    const LoopArguments *arguments = (const LoopArguments *)job->arguments;
+    const unsigned char *mask = (const unsigned char *)arguments->inside + start;
+    if (arguments->layout.kind == KIND_FLOAT32) {
+        masked_gradient_run_f32((const float *)arguments->grad + start, mask,
+                                (float *)arguments->out + start, stop - start);
+    } else {
+        masked_gradient_run_f64((const double *)arguments->grad + start, mask,
+                                (double *)arguments->out + start, stop - start);
+    }
+    return 0;
+}
+
+static PyObject *native_forward(PyObject *self, PyObject *args) {
+    int kind, zero_point_kind, parts;
+    long long channels, inner, numel, step;
+    unsigned long long x, out, inside, scales, zero_points;
+    double quant_min, quant_max;
+    if (!PyArg_ParseTuple(args, "iKKKLLLLiKKidd", &kind, &x, &out, &inside, &channels, &inner,
+                          &numel, &step, &parts, &scales, &zero_points, &zero_point_kind,
+                          &quant_min, &quant_max))
+        return NULL;
+    LoopArguments arguments = {.x = x, .out = out, .inside = inside};
+    if (parse_layout(&arguments.layout, kind, channels, inner, scales, zero_points,
+                     zero_point_kind, quant_min, quant_max) < 0 ||
+        parse_parts(numel, step, parts) < 0)
+        return NULL;
+    Job job = {forward_part, &arguments, numel, step, parts};
+
+    int64_t invalid;
+    Py_BEGIN_ALLOW_THREADS
+    invalid = run_job(&job);
     Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong(invalid_);
+    return PyLong_FromLongLong(invalid);
+}
+
+static PyObject *native_input_gradient(PyObject *self, PyObject *args) {
+    int kind, zero_point_kind, parts;
+    long long channels, inner, numel, step;
+    unsigned long long grad, x, out, scales, zero_points;
+    double quant_min, quant_max;
+    if (!PyArg_ParseTuple(args, "iKKKLLLLiKKidd", &kind, &grad, &x, &out, &channels, &inner,
+                          &numel, &step, &parts, &scales, &zero_points, &zero_point_kind,
+                          &quant_min, &quant_max))
+        return NULL;
+    LoopArguments arguments = {.x = x, .out = out, .grad = grad};
+    if (parse_layout(&arguments.layout, kind, channels, inner, scales, zero_points,
+                     zero_point_kind, quant_min, quant_max) < 0 ||
+        parse_parts(numel, step, parts) < 0)
+        return NULL;
+    Job job = {input_gradient_part, &arguments, numel, step, parts};
+
+    int64_t invalid;
+    Py_BEGIN_ALLOW_THREADS
+    invalid = run_job(&job);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(invalid);
 }
 
 static PyObject *native_masked_gradient(PyObject *self, PyObject *args) {
-    int kind;
-    long long start, stop;
+    int kind, parts;
+    long long numel, step;
     unsigned long long grad, inside, out;
-    if (!PyArg_ParseTuple(args, "iKKKLL", &kind, &grad, &inside, &out, &start, &stop)) return NULL;
-    if ((kind != KIND_FLOAT32 && kind != KIND_FLOAT64) || start < 0 || stop < start) {
-        PyErr_Format(PyExc_ValueError, "invalid arguments: kind=%d, start=%lld, stop=%lld", kind,
-                     start, stop);
+    if (!PyArg_ParseTuple(args, "iKKKLLi", &kind, &grad, &inside, &out, &numel, &step, &parts))
+        return NULL;
+    if (kind != KIND_FLOAT32 && kind != KIND_FLOAT64) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype kind %d; expected 0 (float32) or 1 (float64)",
+                     kind);
         return NULL;
     }
+    if (parse_parts(numel, step, parts) < 0) return NULL;
+    LoopArguments arguments = {.grad = grad, .inside = inside, .out = out};
+    arguments.layout.kind = kind;
+    Job job = {masked_gradient_part, &arguments, numel, step, parts};
 
     Py_BEGIN_ALLOW_THREADS
-    const unsigned char *mask = (const unsigned char *)(uintptr_t)inside + start;
-    int64_t count = stop - start;
-    if (kind == KIND_FLOAT32) {
-        masked_gradient_run_f32((const float *)(uintptr_t)grad + start, mask,
-                                (float *)(uintptr_t)out + start, count);
-    } else {
-        masked_gradient_run_f64((const double *)(uintptr_t)grad + start, mask,
-                                (double *)(uintptr_t)out + start, count);
-    }
+    run_job(&job);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -331,34 +492,51 @@ QATCORE_CLONES static int range_run_f32(const float *x, int64_t n, float *lo, fl
     return any_bad;
 }
 
-static PyObject *native_finite_range(PyObject *self, PyObject *args) {
-    long long channels, inner, start, stop;
-    unsigned long long x, lows, highs;
-    if (!PyArg_ParseTuple(args, "KLLLLKK", &x, &channels, &inner, &start, &stop, &lows, &highs))
-        return NULL;
-    if (channels < 1 || inner < 1 || start < 0 || stop < start) {
-        PyErr_Format(PyExc_ValueError,
-                     "invalid layout: channels=%lld, inner=%lld, start=%lld, stop=%lld", channels,
-                     inner, start, stop);
-        return NULL;
-    }
+typedef struct {
+    uintptr_t x, lows, highs;
+    int64_t channels, inner;
+} RangeArguments;
 
+/* Fold part `part` of x into row `part` of the per-channel lows and highs. */
+static int64_t finite_range_part(const Job *job, int part, int64_t start, int64_t stop) {
+    const RangeArguments *arguments = (const RangeArguments *)job->arguments;
+    const float *xs = (const float *)arguments->x;
+    float *lo = (float *)arguments->lows + (int64_t)part * arguments->channels;
+    float *hi = (float *)arguments->highs + (int64_t)part * arguments->channels;
     int any_bad = 0;
-    Py_BEGIN_ALLOW_THREADS
-    const float *xs = (const float *)(uintptr_t)x;
-    float *lo = (float *)(uintptr_t)lows;
-    float *hi = (float *)(uintptr_t)highs;
     int64_t first = start;
     while (first < stop) {
-        int64_t row = first / inner;
-        int64_t end = (row + 1) * inner;
+        int64_t row = first / arguments->inner;
+        int64_t end = (row + 1) * arguments->inner;
         if (end > stop) end = stop;
-        int64_t channel = row % channels;
+        int64_t channel = row % arguments->channels;
         any_bad |= range_run_f32(xs + first, end - first, lo + channel, hi + channel);
         first = end;
     }
+    return any_bad;
+}
+
+static PyObject *native_finite_range(PyObject *self, PyObject *args) {
+    long long channels, inner, numel, step;
+    int parts;
+    unsigned long long x, lows, highs;
+    if (!PyArg_ParseTuple(args, "KLLLLiKK", &x, &channels, &inner, &numel, &step, &parts, &lows,
+                          &highs))
+        return NULL;
+    if (channels < 1 || inner < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid layout: channels=%lld, inner=%lld", channels,
+                     inner);
+        return NULL;
+    }
+    if (parse_parts(numel, step, parts) < 0) return NULL;
+    RangeArguments arguments = {x, lows, highs, channels, inner};
+    Job job = {finite_range_part, &arguments, numel, step, parts};
+
+    int64_t any_bad;
+    Py_BEGIN_ALLOW_THREADS
+    any_bad = run_job(&job);
     Py_END_ALLOW_THREADS
-    return PyBool_FromLong(any_bad);
+    return PyBool_FromLong(any_bad != 0);
 }
 
 /* torch.minimum and torch.maximum of two values that are not NaN. */
@@ -463,22 +641,22 @@ static PyObject *native_observe(PyObject *self, PyObject *args) {
 
 static PyMethodDef native_methods[] = {
     {"forward", native_forward, METH_VARARGS,
-     "forward(kind, x, out, inside, channels, inner, start, stop, scales, zero_points, "
-     "zero_point_kind, quant_min, quant_max)\n\nFake-quantize elements [start, stop) into out, "
-     "and the gradient mask into inside unless it is 0. Return how many channel runs met an "
-     "invalid scale and were skipped."},
+     "forward(kind, x, out, inside, channels, inner, numel, step, parts, scales, zero_points, "
+     "zero_point_kind, quant_min, quant_max)\n\nFake-quantize x into out, and the gradient mask "
+     "into inside unless it is 0, in parts of step elements run on the pool's threads. Return "
+     "how many channel runs met an invalid scale and were skipped."},
     {"input_gradient", native_input_gradient, METH_VARARGS,
-     "input_gradient(kind, grad, x, out, channels, inner, start, stop, scales, zero_points, "
-     "zero_point_kind, quant_min, quant_max)\n\nWrite grad * inside into out for elements "
-     "[start, stop), recomputing inside from x. Return how many channel runs met an invalid "
-     "scale and were skipped."},
+     "input_gradient(kind, grad, x, out, channels, inner, numel, step, parts, scales, "
+     "zero_points, zero_point_kind, quant_min, quant_max)\n\nWrite grad * inside into out, "
+     "recomputing inside from x, in parts. Return how many channel runs met an invalid scale "
+     "and were skipped."},
     {"masked_gradient", native_masked_gradient, METH_VARARGS,
-     "masked_gradient(kind, grad, inside, out, start, stop)\n\nWrite grad * inside into out for "
-     "elements [start, stop)."},
+     "masked_gradient(kind, grad, inside, out, numel, step, parts)\n\nWrite grad * inside into "
+     "out, in parts."},
     {"finite_range", native_finite_range, METH_VARARGS,
-     "finite_range(x, channels, inner, start, stop, lows, highs)\n\nFold the finite values of "
-     "float32 elements [start, stop) into the per-channel float32 minimums lows and maximums "
-     "highs, and return whether any value was NaN or infinite."},
+     "finite_range(x, channels, inner, numel, step, parts, lows, highs)\n\nFold the finite "
+     "values of part i of float32 x into row i of the per-channel float32 minimums lows and "
+     "maximums highs, and return whether any value was NaN or infinite."},
     {"observe", native_observe, METH_VARARGS,
      "observe(lows, highs, channels, parts, min_val, max_val, scale, zero_point, moving_average, "
      "symmetric, averaging_constant, signed, power_of_two, quant_min, quant_max)\n\nCombine "
@@ -493,4 +671,7 @@ static struct PyModuleDef native_module = {
     native_methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    pthread_atfork(NULL, NULL, reset_pool_in_child);
+    return PyModule_Create(&native_module);
+}
