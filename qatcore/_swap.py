@@ -123,13 +123,13 @@ def _collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector until the block ends.
 
     Swapping a model builds dozens of objects for each of its modules, and
-    most of them live on in the result. As they pile up, the collector runs
-    full collections, each over every object of the process: three during
-    one swap of the 2,000 conv-BN-ReLU blocks of benchmarks/bench_swap.py,
-    a third of its time on a 2-core x86 machine. The few reference cycles
-    that a swap leaves as garbage are collected after it. The pause is
-    process-wide, so other threads run without cyclic collection until the
-    block ends.
+    most of them live on in the result. Converting it back copies as many.
+    As they pile up, the collector runs full collections, each over every
+    object of the process: three during one swap of the 2,000 conv-BN-ReLU
+    blocks of benchmarks/bench_swap.py, a third of its time on a 2-core x86
+    machine. The few reference cycles that a swap leaves as garbage are
+    collected after it. The pause is process-wide, so other threads run
+    without cyclic collection until the block ends.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -261,6 +261,12 @@ def to_float(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         float_module = model.to_float()
         _move_hooks(model, float_module, PRE_HOOKS + POST_HOOKS + OTHER_HOOKS)
         return float_module
+    with _collector_paused():
+        return _tree_to_float(model, inplace=inplace)
+
+
+def _tree_to_float(model: nn.Module, *, inplace: bool) -> nn.Module:
+    """Convert every QAT module inside ``model``, which is no QAT module itself."""
     if not inplace:
         model = copy_module_tree(model)
 
