@@ -1,20 +1,21 @@
 /*
  * Native loops of the qatcore-cpu fake-quant kernel.
  *
- * Each function works on the elements [start, stop) of a dense tensor seen
- * in memory order as (outer, channels, inner), with one float32 scale and
- * one int32 or float32 zero point per channel (one channel for per-tensor
- * quantization). The caller splits a tensor into ranges and runs them on
- * several threads. Every function releases the GIL while it loops.
+ * Each function works on a dense tensor seen in memory order as (outer,
+ * channels, inner), with one float32 scale and one int32 or float32 zero
+ * point per channel (one channel for per-tensor quantization). It splits
+ * the tensor into the parts the caller asks for, runs them on the calling
+ * thread and a pool of POSIX threads, and releases the GIL meanwhile.
  *
  * The qparams are prepared as qatcore.prepare_qparams prepares them: the
  * reciprocal scale in float32, the zero point rounded half to even and
  * clamped. A scale that is not finite and positive is counted, and its
  * channel is skipped, so that the caller raises qatcore.check_qparams's
  * error. Then the arithmetic is the reference kernel's, operation for
- * operation, in the input's dtype (float32 or float64): code = nearbyint(x * inv_scale) +
- * zero_point, clamped = clamp(code, quant_min, quant_max) with NaN passing
- * through, inside = clamped == code, out = (clamped - zero_point) * scale,
+ * operation, in the input's dtype (float32 or float64):
+ * code = nearbyint(x * inv_scale) + zero_point,
+ * clamped = clamp(code, quant_min, quant_max) with NaN passing through,
+ * inside = clamped == code, out = (clamped - zero_point) * scale, and
  * grad_input = grad_output * inside. The build turns off floating-point
  * contraction, so no product and sum fuse into one rounding, and every
  * element gets the same bits as from the ATen ops.
@@ -119,7 +120,7 @@ typedef struct {
     const void *zero_points;
     int zero_point_kind;
     /* The range in double, exact for every integer range that the float64
-     * loops take; the float32 loops and the zero point use it in float32,
+     * loops take. The float32 loops and the zero point use it in float32,
      * as torch.clamp on a float32 tensor does. */
     double quant_min, quant_max;
 } Layout;
@@ -249,10 +250,10 @@ static void reset_pool_in_child(void) {
     pool.total = 0;
 }
 
-/* Start worker threads until there are `wanted`, at most MAX_WORKERS; pool.lock is held. */
-static void start_workers(int wanted) {
-    if (wanted > MAX_WORKERS) wanted = MAX_WORKERS;
-    while (pool.workers < wanted) {
+/* Start worker threads until there are `count`, at most MAX_WORKERS; pool.lock is held. */
+static void start_workers(int count) {
+    if (count > MAX_WORKERS) count = MAX_WORKERS;
+    while (pool.workers < count) {
         pthread_t thread;
         pthread_attr_t attributes;
         pthread_attr_init(&attributes);

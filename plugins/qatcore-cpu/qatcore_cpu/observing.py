@@ -80,10 +80,10 @@ def observe_and_fake_quantize_cpu(
     The observer's ``min_val``, ``max_val`` and ``nonfinite_batches``, the
     module's ``scale`` and ``zero_point``, and the output and its gradient
     are bit for bit those of the ATen steps. Returns ``None``, and the
-    module takes the ATen steps, for input other than dense float32 with a
-    channel count that matches the observer's, for observers other than the
-    two above or with forward hooks, and where the native loops are not
-    built.
+    module takes the ATen steps, where the native loops are not built, for
+    input other than dense float32 with the observer's channel count, and
+    for observers other than the two above. An observer with forward hooks
+    takes the ATen steps too, so that its hooks run.
     """
     supported, averaging_constant = _averaging_constant(fake_quantize)
     if not supported or not native.available() or x.dtype != torch.float32 or x.numel() == 0:
