@@ -89,7 +89,7 @@ def qatcore_register_qconfigs(registry: Registry) -> None:
 def qatcore_plugin_notes() -> list[str]:
     """Return facts about the plugin on this machine for ``qatcore plugins`` to print.
 
-    A note says what a user would otherwise miss, such as an optional
+    A note states what a user would otherwise miss, such as an optional
     speed-up that is not built, with the reason and the fix. A plugin that
     cannot run at all raises :class:`qatcore.PluginUnavailable` from its
     registration hook instead.

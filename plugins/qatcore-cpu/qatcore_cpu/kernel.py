@@ -212,6 +212,22 @@ def _dense_order(x: torch.Tensor) -> list[int] | None:
     return memory_order(x)
 
 
+def channel_view(x: torch.Tensor, axis: int | None) -> tuple[int, int] | None:
+    """Return ``channels`` and ``inner`` of dense ``x``, seen as ``(outer, channels, inner)``.
+
+    The view follows ``x``'s memory order, and per-tensor quantization has
+    one channel. Returns ``None`` for a tensor
+    without a dense memory order, such as an expanded or sliced view.
+    """
+    order = _dense_order(x)
+    if order is None:
+        return None
+    if axis is None:
+        return 1, x.numel()
+    inner = math.prod(x.shape[dim] for dim in order[order.index(axis) + 1 :])
+    return x.shape[axis], inner
+
+
 def _native_layout(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -226,19 +242,14 @@ def _native_layout(
     inputs, expanded and sliced views, and a plugin built without its
     extension take the ATen path. The output and the mask, made by
     ``torch.empty_like(x)``, have ``x``'s strides then. With ``snapshot``
-    the layout contains copies of the qparams, so that a backward pass sees
+    the layout contains copies of the qparams, so that a backward pass uses
     the qparams of its forward pass even after an observer updated them.
     """
     if not native.available() or x.dtype not in native.DTYPES or x.numel() == 0:
         return None
-    order = _dense_order(x)
-    if order is None:
+    view = channel_view(x, axis)
+    if view is None:
         return None
-    if axis is None:
-        channels, inner = 1, x.numel()
-    else:
-        channels = x.shape[axis]
-        inner = math.prod(x.shape[dim] for dim in order[order.index(axis) + 1 :])
     # The same conversion as prepare_qparams: the scale to float32, and a
     # zero point of another dtype to float32 before it is rounded.
     scale = scale.detach().to(torch.float32)
@@ -247,7 +258,7 @@ def _native_layout(
         zero_point = zero_point.to(torch.float32)
     if snapshot:
         scale, zero_point = scale.clone(), zero_point.clone()
-    return native.Layout(channels, inner, scale.contiguous(), zero_point.contiguous())
+    return native.Layout(*view, scale.contiguous(), zero_point.contiguous())
 
 
 def _native_takes(x: torch.Tensor) -> bool:

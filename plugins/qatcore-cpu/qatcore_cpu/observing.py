@@ -11,8 +11,6 @@ and :func:`qatcore_cpu.fake_quantize_cpu` makes the fake-quant pass.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
@@ -20,7 +18,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from qatcore import FakeQuantize
 from qatcore._distributed import sync_group
 from qatcore_cpu import native
-from qatcore_cpu.kernel import fake_quantize_cpu, memory_order
+from qatcore_cpu.kernel import channel_view, fake_quantize_cpu
 
 __all__ = ["observe_and_fake_quantize_cpu"]
 
@@ -96,16 +94,11 @@ def observe_and_fake_quantize_cpu(
         # The native step does not call the observer module, so a hook on it
         # would not run.
         return None
-    order = memory_order(x)
-    if order is None:
+    view = channel_view(x, axis)
+    if view is None:
         return None
 
-    if axis is None:
-        channels, inner = 1, x.numel()
-    else:
-        channels = x.shape[axis]
-        inner = math.prod(x.shape[dim] for dim in order[order.index(axis) + 1 :])
-    parts = native.finite_range(x.detach(), channels, inner)
+    parts = native.finite_range(x.detach(), *view)
     if parts.nonfinite:
         observer.nonfinite_batches.add_(1)
     native.observe(

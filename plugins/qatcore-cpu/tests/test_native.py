@@ -240,7 +240,7 @@ def test_float64_input_keeps_wide_range_exact(quant_range: tuple[int, int], valu
 
     expected = qatcore.fake_quantize_reference(x, scale, zero_point, *quant_range)
     assert torch.equal(out, expected)
-    # Hand-computed: the codes clamp to the range, which float64 holds exactly.
+    # Hand-computed: the codes clamp to the range, which float64 represents exactly.
     assert out[0].item() == min(value, quant_range[1])
 
 
