@@ -86,7 +86,7 @@ class _CallChain:
         self.nodes.append(_Call("output", "output", (self.nodes[-1],)))
 
 
-def sequential_graph(model: nn.Module) -> _CallChain | None:
+def sequential_graph(model: nn.Module, tracer: torch.fx.Tracer | None = None) -> _CallChain | None:
     """Return the nodes that tracing ``model`` records, found without tracing where that is safe.
 
     ``nn.Sequential.forward`` calls its children in order, each on the
@@ -94,6 +94,9 @@ def sequential_graph(model: nn.Module) -> _CallChain | None:
     containers the leaf modules therefore form one chain, and the graph
     is known from the tree alone. This is far cheaper than tracing, which
     runs every container's forward on proxies.
+
+    ``tracer`` decides which modules are leaves, as it would when tracing;
+    by default every module without children is one.
 
     Returns None, so that the caller traces, for any other model. That
     includes a container with hooks or a ``forward`` of its own, a module
@@ -108,7 +111,7 @@ def sequential_graph(model: nn.Module) -> _CallChain | None:
     if any(getattr(torch_module, name, True) for name in _GLOBAL_CALL_HOOKS):
         return None
 
-    tracer = _LeafTracer()
+    tracer = tracer or _LeafTracer()
     chain = _CallChain()
     seen: set[int] = set()
     # (qualified name, module, nesting depth, whether it sits inside a leaf)

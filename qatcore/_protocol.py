@@ -43,6 +43,11 @@ class QATModule(metaclass=abc.ABCMeta):
             order; one type for a plain module, several for a fused one.
         weight_fake_quant: Fake quantizer of the weight, or ``None``.
         output_fake_quant: Fake quantizer of the output, or ``None``.
+        input_fake_quant: Fake quantizer of the input, a submodule that only
+            some modules have. :func:`qatcore.swap_modules` adds one where no
+            other QAT module's output fake quantizer quantized the input, so
+            that the codes an int8 engine reads are the codes training used.
+            Read it with :meth:`input_quantizer`.
     """
 
     float_types: ClassVar[tuple[type[nn.Module], ...]]
@@ -86,11 +91,27 @@ class QATModule(metaclass=abc.ABCMeta):
         modules in call order.
         """
 
+    def input_quantizer(self) -> FakeQuantize | None:
+        """Return the fake quantizer of this module's input, or ``None`` when it has none."""
+        return self._modules.get("input_fake_quant")  # type: ignore[attr-defined, return-value]
+
+    def _quantized_input(self, input: torch.Tensor) -> torch.Tensor:
+        """Return ``input`` through the input fake quantizer, if the module has one."""
+        quantizer = self.input_quantizer()
+        return input if quantizer is None else quantizer(input)
+
     def qparams(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Return ``{"weight": (scale, zero_point), "output": (...)}`` for the quantized tensors."""
+        """Return ``{"input": (scale, zero_point), "weight": (...), "output": (...)}``.
+
+        Only the tensors this module quantizes are keys.
+        """
         found = {}
-        for role in ("weight", "output"):
-            fake_quant = getattr(self, f"{role}_fake_quant", None)
+        quantizers = {
+            "input": self.input_quantizer(),
+            "weight": getattr(self, "weight_fake_quant", None),
+            "output": getattr(self, "output_fake_quant", None),
+        }
+        for role, fake_quant in quantizers.items():
             if fake_quant is not None:
                 found[role] = fake_quant.qparams()
         return found
@@ -180,7 +201,8 @@ class QATConvNd(QATModule):
             float_types = (nn.Conv2d, nn.ReLU)
             activation_type = nn.ReLU
 
-    The forward is ``output_fq(activation(conv(x, weight_fq(weight), bias)))``
+    The forward is
+    ``output_fq(activation(conv(input_fq(x), weight_fq(weight), bias)))``
     with every padding mode of the float conv. Per-channel weight specs must
     use ``axis=0`` (output channels), the axis that int8 engines quantize a
     conv weight along; per-channel output specs must use ``axis=1``.
@@ -312,7 +334,7 @@ class QATConvNd(QATModule):
         return self._conv_forward(input, self._fake_quantized_weight(self.weight), self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = self._conv_output(input)
+        output = self._conv_output(self._quantized_input(input))
         if self.activation is not None:
             output = self.activation(output)
         if self.output_fake_quant is not None:

@@ -9,10 +9,13 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
+from qatcore._config import QConfig
 from qatcore._copy import copy_module_tree
+from qatcore._dataflow import input_producers
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._plan import (
     FUSE,
@@ -29,7 +32,7 @@ from qatcore._plan import (
     plan,
 )
 from qatcore._plugins import plugin_manager
-from qatcore._protocol import QATModule, SwapError
+from qatcore._protocol import QATModule, SwapError, build_fake_quant, qualified_name
 from qatcore._warnings import CoverageWarning, QatcoreWarning
 
 __all__ = [
@@ -141,7 +144,12 @@ def _collector_paused() -> Iterator[None]:
 
 
 def swap_modules(
-    model: nn.Module, qconfig: QConfigLike, *, inplace: bool = False, fuse: FuseLike = True
+    model: nn.Module,
+    qconfig: QConfigLike,
+    *,
+    inplace: bool = False,
+    fuse: FuseLike = True,
+    quantize_inputs: bool = True,
 ) -> nn.Module:
     """Return ``model`` with every mapped module replaced by its QAT module.
 
@@ -151,6 +159,14 @@ def swap_modules(
     placeholder, so indices stay valid), and everything else stays float.
     Forward hooks move to the module that replaces their owner.
 
+    A swapped module whose input no other QAT module quantized, such as
+    the first layer or the layer after a residual addition, gets an input
+    fake quantizer (``input_fake_quant``) with its activation spec made per
+    tensor. Training then sees the codes that :func:`qatcore.convert` and
+    :func:`qatcore.export` give an int8 engine. The inputs are found in the
+    forward traced with ``torch.fx``; where it cannot be traced, every
+    swapped module gets one.
+
     Args:
         model: The float model; it may itself be a mapped module.
         qconfig: A QConfig for every module, or a mapping from a
@@ -158,6 +174,9 @@ def swap_modules(
         inplace: Change ``model`` itself instead of a deep copy. The caller's
             model is never changed otherwise.
         fuse: Which modules to fuse, as :func:`plan` takes it.
+        quantize_inputs: Add the input fake quantizers. Without them the
+            QAT model computes what torch.ao's eager QAT modules compute,
+            but cannot be converted to int8.
 
     Returns:
         The QAT model: a new object unless ``inplace`` is true.
@@ -188,6 +207,8 @@ def swap_modules(
 
         # A module registered under several names becomes one QAT module for all of them.
         swapped: dict[int, nn.Module] = {}
+        # (qualified name, QAT module, its QConfig) of every module built here.
+        built: list[tuple[str, nn.Module, QConfig]] = []
         for entry in decisions:
             if entry.action == SWAP:
                 assert entry.qat_type is not None and entry.qconfig is not None
@@ -197,14 +218,18 @@ def swap_modules(
                     continue
                 qat = entry.qat_type.from_float(original, entry.qconfig, name=entry.name)
                 swapped[id(original)] = qat
+                built.append((entry.name, qat, entry.qconfig))
                 _move_hooks(original, qat, PRE_HOOKS + POST_HOOKS + OTHER_HOOKS)
                 if entry.name == "":
+                    if quantize_inputs:
+                        _add_input_quantizers(qat, built)
                     return qat
                 _replace(model, entry.name, qat)
             elif entry.action == FUSE:
                 assert entry.qat_type is not None and entry.qconfig is not None
                 members = tuple(_submodule(model, member) for member in entry.members)
                 fused = entry.qat_type.from_float(members, entry.qconfig, name=entry.name)
+                built.append((entry.name, fused, entry.qconfig))
                 _move_hooks(members[0], fused, PRE_HOOKS + OTHER_HOOKS)
                 _move_hooks(members[-1], fused, POST_HOOKS)
                 # Later members (the activation) run inside the fused module;
@@ -227,7 +252,29 @@ def swap_modules(
                 QatcoreWarning,
                 stacklevel=2,
             )
+        if quantize_inputs:
+            _add_input_quantizers(model, built)
         return model
+
+
+def _add_input_quantizers(model: nn.Module, built: list[tuple[str, nn.Module, QConfig]]) -> None:
+    """Give each module of ``built`` whose input no QAT module quantized an input fake quantizer.
+
+    The quantizer takes the module's activation spec, per tensor, as int8
+    engines quantize a layer's input. A module without an activation spec
+    gets none, and cannot be converted.
+    """
+    producers = input_producers(model)
+    for name, module, qconfig in built:
+        if qconfig.activation is None or module._modules.get("input_fake_quant") is not None:
+            continue
+        if producers is not None and producers.get(name) is not None:
+            continue
+        spec = attrs.evolve(qconfig.activation, axis=None)
+        device = getattr(module, "weight", torch.empty(0)).device
+        quantizer = build_fake_quant(spec, None, "input", qualified_name(name, module), device)
+        assert quantizer is not None
+        module.input_fake_quant = quantizer.train(module.training)
 
 
 def _float_replacements(

@@ -31,9 +31,14 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 FIXTURES = Path(__file__).parent / "distributed_fixtures"
 SPAWN_TIMEOUT_S = 120
-# Fake quantizers of the model: the input, then weight and output of each conv.
-FAKE_QUANTIZERS = 5
+# Fake quantizers of the model: its own input fake quantizer, the first
+# conv's input fake quantizer, then weight and output of each conv. The body
+# is swapped on its own, so swap_modules gives its first conv an input quantizer.
+FAKE_QUANTIZERS = 6
 INPUT_FAKE_QUANT = "0"
+QAT_INPUT_FAKE_QUANT = "1.0.input_fake_quant"
+# Both see the model's input range, the second after the first quantized it.
+INPUT_FAKE_QUANTS = (INPUT_FAKE_QUANT, QAT_INPUT_FAKE_QUANT)
 
 
 def _free_loopback_port() -> int:
@@ -101,16 +106,24 @@ def test_sync_gives_every_rank_same_observers(rank_results: dict[str, Any], run:
 
     scales = [key for key in states[0] if key.endswith(".scale")]
     assert len(scales) == FAKE_QUANTIZERS
+    assert f"{QAT_INPUT_FAKE_QUANT}.scale" in scales
+    assert f"{QAT_INPUT_FAKE_QUANT}.observer.min_val" in states[0]
+    assert f"{QAT_INPUT_FAKE_QUANT}.observer.max_val" in states[0]
+    # The second conv reads the first conv's output codes.
+    assert "1.2.input_fake_quant.scale" not in scales
     _assert_ranks_equal(states)
 
 
+@pytest.mark.parametrize("fake_quant", INPUT_FAKE_QUANTS)
 @pytest.mark.parametrize("run", ["synced", "synced_without_buffer_broadcast", "fully_sharded"])
-def test_sync_input_range_covers_every_rank(rank_results: dict[str, Any], run: str) -> None:
+def test_sync_input_range_covers_every_rank(
+    rank_results: dict[str, Any], run: str, fake_quant: str
+) -> None:
     for state in _observers(rank_results, run):
-        min_val = state[f"{INPUT_FAKE_QUANT}.observer.min_val"].item()
-        max_val = state[f"{INPUT_FAKE_QUANT}.observer.max_val"].item()
-        scale = state[f"{INPUT_FAKE_QUANT}.scale"].item()
-        zero_point = state[f"{INPUT_FAKE_QUANT}.zero_point"].item()
+        min_val = state[f"{fake_quant}.observer.min_val"].item()
+        max_val = state[f"{fake_quant}.observer.max_val"].item()
+        scale = state[f"{fake_quant}.scale"].item()
+        zero_point = state[f"{fake_quant}.zero_point"].item()
 
         # Each batch of 768 uniform values in [0, 8] reaches to within about 0.01 of 8.
         assert 0 <= min_val < 0.01
@@ -119,24 +132,26 @@ def test_sync_input_range_covers_every_rank(rank_results: dict[str, Any], run: s
         assert zero_point == 0
 
 
-def test_unsynced_ranks_keep_own_input_range(rank_results: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fake_quant", INPUT_FAKE_QUANTS)
+def test_unsynced_ranks_keep_own_input_range(rank_results: dict[str, Any], fake_quant: str) -> None:
     rank0, rank1 = _observers(rank_results, "unsynced")
 
-    assert rank0[f"{INPUT_FAKE_QUANT}.observer.max_val"].item() <= 1
-    assert rank1[f"{INPUT_FAKE_QUANT}.observer.max_val"].item() > 7.9
-    assert rank0[f"{INPUT_FAKE_QUANT}.scale"].item() == pytest.approx(1 / 255, rel=0.01)
-    assert rank1[f"{INPUT_FAKE_QUANT}.scale"].item() == pytest.approx(8 / 255, rel=0.01)
+    assert rank0[f"{fake_quant}.observer.max_val"].item() <= 1
+    assert rank1[f"{fake_quant}.observer.max_val"].item() > 7.9
+    assert rank0[f"{fake_quant}.scale"].item() == pytest.approx(1 / 255, rel=0.01)
+    assert rank1[f"{fake_quant}.scale"].item() == pytest.approx(8 / 255, rel=0.01)
     output_scales = [key for key in rank0 if key.endswith("output_fake_quant.scale")]
     assert output_scales
     for key in output_scales:
         assert not torch.equal(rank0[key], rank1[key]), f"{key} is the same on both ranks"
 
 
-def test_single_rank_group_keeps_own_range(rank_results: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fake_quant", INPUT_FAKE_QUANTS)
+def test_single_rank_group_keeps_own_range(rank_results: dict[str, Any], fake_quant: str) -> None:
     rank0, rank1 = _observers(rank_results, "single_rank_group")
 
-    assert rank0[f"{INPUT_FAKE_QUANT}.observer.max_val"].item() <= 1
-    assert rank1[f"{INPUT_FAKE_QUANT}.observer.max_val"].item() > 7.9
+    assert rank0[f"{fake_quant}.observer.max_val"].item() <= 1
+    assert rank1[f"{fake_quant}.observer.max_val"].item() > 7.9
     for rank in rank_results["ranks"]:
         assert rank["single_rank_group"]["forward_collectives"] == []
 

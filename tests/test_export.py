@@ -125,7 +125,12 @@ def test_exported_graph_keeps_trained_qparams_as_buffers() -> None:
         if name.endswith("fake_quant.scale")
     }
     assert scales.keys() == expected.keys()
-    assert len(scales) == 6
+    # Weight and output of the three QAT modules, and the input of the first.
+    # The depthwise conv and the linear layer read the previous module's output codes.
+    assert len(scales) == 7
+    assert "0.input_fake_quant.scale" in scales
+    assert "3.input_fake_quant.scale" not in scales
+    assert "6.input_fake_quant.scale" not in scales
     for name, value in expected.items():
         assert torch.equal(scales[name], value), name
         assert not torch.equal(value, torch.ones_like(value)), f"{name} was never observed"

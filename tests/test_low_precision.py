@@ -73,9 +73,11 @@ def _fake_quants(model: nn.Module) -> list[tuple[str, qatcore.FakeQuantize]]:
         for name, module in model.named_modules()
         if isinstance(module, qatcore.FakeQuantize)
     ]
+    # The one QAT module is the model's first layer, so it quantizes its input too.
     assert [name.rsplit(".", 1)[-1] for name, _ in found] == [
         "weight_fake_quant",
         "output_fake_quant",
+        "input_fake_quant",
     ]
     return found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -705,3 +706,284 @@ def test_copy_keeps_shared_modules_and_ties() -> None:
     assert copied[2].weight is copied[0][0].weight
     assert torch.equal(copied[2].weight, shared.weight)
     assert list(model[0]._modules) == ["0"]
+
+
+# -- input fake quantizers ------------------------------------------------------
+
+
+def _input_quantized(model: nn.Module) -> set[str]:
+    """Return the names of the QAT modules of ``model`` that have an input fake quantizer."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, qatcore.QATModule) and module.input_quantizer() is not None
+    }
+
+
+def _qat_names(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, qatcore.QATModule)}
+
+
+def _conv_pool_linear_chain() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 5),
+    )
+
+
+class ResidualNet(nn.Module):
+    """A stem conv, a block whose output is added to its input, and a head conv after the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem(x)
+        return self.head(self.block(features) + features)
+
+
+class FloatInBetweenNet(nn.Module):
+    """Two convs with a float average pool, which leaves the quantization grid, between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 4, 3)
+        self.pool = nn.AvgPool2d(2)
+        self.second = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.pool(self.first(x)))
+
+
+class UntraceableNet(nn.Module):
+    """A conv chain whose forward branches on a tensor's value, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 4, 3)
+        self.second = nn.Conv2d(4, 4, 1)
+        self.third = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.second(self.first(x))
+        if features.sum() > 0:
+            features = features.flip(1)
+        return self.third(features)
+
+
+def test_chain_quantizes_first_input_only(x86: qatcore.QConfig) -> None:
+    pytest.importorskip("qatcore_linear")
+
+    qat = qatcore.swap_modules(_conv_pool_linear_chain(), x86)
+    qat(torch.randn(2, 3, 8, 8))
+
+    assert type(qat[0]) is qatcore_conv.ConvBnReLU2d
+    assert _qat_names(qat) == {"0", "4", "6"}
+    # Max pooling and flatten keep the previous module's output codes.
+    assert _input_quantized(qat) == {"0"}
+    assert "input" in qat[0].qparams()
+    assert "input" not in qat[4].qparams()
+    assert "input" not in qat[6].qparams()
+
+
+def test_input_quantizer_after_residual_add(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(ResidualNet(), x86)
+    qat(torch.randn(2, 3, 6, 6))
+
+    assert _qat_names(qat) == {"stem.0", "block.0", "head"}
+    # The block reads the stem's output codes, but the sum of the add is on no grid.
+    assert _input_quantized(qat) == {"stem.0", "head"}
+
+
+def test_input_quantizer_after_float_module(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(FloatInBetweenNet(), x86)
+    qat(torch.randn(2, 3, 8, 8))
+
+    assert type(qat.pool) is nn.AvgPool2d
+    assert _input_quantized(qat) == {"first", "second"}
+
+
+def test_input_quantizer_after_per_channel_output(x86: qatcore.QConfig) -> None:
+    per_channel_output = qatcore.QConfig(
+        weight=x86.weight, activation=qatcore.QuantSpec(bits=8, signed=False, axis=1)
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+
+    qat = qatcore.swap_modules(model, {"": x86, "0": per_channel_output})
+    qat(torch.randn(2, 3, 6, 6))
+
+    # Codes with one scale per channel are no per-tensor input for the next layer.
+    assert qat[0].output_fake_quant.spec.axis == 1
+    assert _input_quantized(qat) == {"0", "1"}
+
+
+def test_untraceable_model_quantizes_every_input(x86: qatcore.QConfig) -> None:
+    model = UntraceableNet()
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(model)
+
+    qat = qatcore.swap_modules(model, x86)
+    qat(torch.randn(2, 3, 6, 6))
+
+    assert _qat_names(qat) == {"first", "second", "third"}
+    assert _input_quantized(qat) == {"first", "second", "third"}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_conv_pool_linear_chain, ResidualNet, UntraceableNet],
+    ids=["chain", "residual", "untraceable"],
+)
+def test_quantize_inputs_false_adds_none(
+    build: Callable[[], nn.Module], x86: qatcore.QConfig
+) -> None:
+    pytest.importorskip("qatcore_linear")
+
+    qat = qatcore.swap_modules(build(), x86, quantize_inputs=False)
+
+    assert _qat_names(qat)
+    assert _input_quantized(qat) == set()
+    fake_quant_names = [
+        name for name, module in qat.named_modules() if isinstance(module, qatcore.FakeQuantize)
+    ]
+    assert not any("input_fake_quant" in name for name in fake_quant_names)
+
+
+def test_weight_only_qconfig_adds_no_input_quantizer(x86: qatcore.QConfig) -> None:
+    weight_only = qatcore.QConfig(weight=x86.weight)
+
+    qat = qatcore.swap_modules(ResidualNet(), weight_only)
+    qat(torch.randn(2, 3, 6, 6))
+
+    assert _qat_names(qat) == {"stem.0", "block.0", "head"}
+    assert _input_quantized(qat) == set()
+    assert set(qat.head.qparams()) == {"weight"}
+
+
+def test_input_quantizer_is_per_tensor(x86: qatcore.QConfig) -> None:
+    activation = qatcore.QuantSpec(bits=8, signed=False, symmetric=False, axis=1)
+    qconfig = qatcore.QConfig(weight=x86.weight, activation=activation)
+
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3)), qconfig)
+    qat(torch.randn(2, 3, 6, 6))
+
+    quantizer = qat[0].input_quantizer()
+    assert quantizer is qat[0].input_fake_quant
+    assert isinstance(quantizer, qatcore.FakeQuantize)
+    assert quantizer.spec.axis is None
+    assert (quantizer.quant_min, quantizer.quant_max) == (0, 255)
+    assert quantizer.scale.shape == ()
+    assert qat[0].output_fake_quant.scale.shape == (4,)
+    scale, zero_point = qat[0].qparams()["input"]
+    assert torch.equal(scale, quantizer.scale)
+    assert torch.equal(zero_point, quantizer.zero_point)
+
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_quantizer_on_model_device(device: str, x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)).to(device)
+
+    qat = qatcore.swap_modules(model, x86)
+    output = qat(torch.randn(2, 3, 6, 6, device=device))
+
+    quantizer = qat[0].input_quantizer()
+    assert quantizer is not None
+    assert qat[1].input_quantizer() is None
+    for name, tensor in [*quantizer.named_buffers(), *quantizer.named_parameters()]:
+        assert tensor.device.type == device, name
+    assert output.device.type == device
+
+
+def test_meta_model_input_quantizer_device(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, device="meta"))
+
+    qat = qatcore.swap_modules(model, x86)
+
+    # Meta tensors have no values, so swap_modules builds every fake quantizer
+    # of a meta module, the input quantizer too, on the default device.
+    quantizer = qat[0].input_quantizer()
+    assert quantizer is not None
+    assert quantizer.scale.device == qat[0].weight_fake_quant.scale.device
+    assert quantizer.scale.device == qat[0].output_fake_quant.scale.device
+
+
+def test_input_quantizer_follows_train_and_eval(x86: qatcore.QConfig) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    model.eval()
+
+    qat = qatcore.swap_modules(model, x86)
+    quantizer = qat[0].input_quantizer()
+
+    assert quantizer is not None
+    assert not quantizer.training
+    qat.train()
+    assert quantizer.training
+    _train_steps(qat, torch.randn(2, 3, 6, 6))
+    scale = quantizer.scale.clone()
+
+    qat.eval()
+    assert not quantizer.training
+    qat(torch.randn(2, 3, 6, 6) * 100)
+
+    assert torch.equal(quantizer.scale, scale)
+
+
+def test_model_switches_reach_input_quantizer(x86: qatcore.QConfig) -> None:
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3)), x86)
+    quantizer = qat[0].input_quantizer()
+    assert quantizer is not None
+    _train_steps(qat, torch.randn(2, 3, 6, 6))
+    scale = quantizer.scale.clone()
+
+    qatcore.freeze_observers(qat)
+    assert not quantizer.observer_enabled
+    _train_steps(qat, torch.randn(2, 3, 6, 6) * 100)
+    assert torch.equal(quantizer.scale, scale)
+    qatcore.freeze_observers(qat, frozen=False)
+    assert quantizer.observer_enabled
+
+    qatcore.enable_fake_quant(qat, enabled=False)
+    assert not quantizer.fake_quant_enabled
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(quantizer(x), x)
+    qatcore.enable_fake_quant(qat)
+    assert quantizer.fake_quant_enabled
+
+
+def test_state_dict_with_input_quantizers_loads(x86: qatcore.QConfig) -> None:
+    torch.manual_seed(0)
+    model = ResidualNet()
+    trained = qatcore.swap_modules(model, x86)
+    x = torch.randn(2, 3, 6, 6)
+    _train_steps(trained, x)
+    fresh = qatcore.swap_modules(copy.deepcopy(model), x86)
+
+    state = trained.state_dict()
+    assert fresh.state_dict().keys() == state.keys()
+    assert "stem.0.input_fake_quant.scale" in state
+    assert "head.input_fake_quant.scale" in state
+    assert "block.0.input_fake_quant.scale" not in state
+    fresh.load_state_dict(state, strict=True)
+
+    assert torch.equal(fresh.head.input_fake_quant.scale, trained.head.input_fake_quant.scale)
+    for qat in (trained, fresh):
+        qat.eval()
+    assert torch.equal(fresh(x), trained(x))

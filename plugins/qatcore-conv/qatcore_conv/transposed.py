@@ -259,6 +259,7 @@ class QATConvTransposeNd(QATModule):
             ValueError: ``output_size`` has the wrong length or a size the
                 stride cannot produce.
         """
+        input = self._quantized_input(input)
         spatial_dims = len(self.kernel_size)
         output_padding = self._output_padding(
             input,

@@ -91,7 +91,7 @@ def _run_parity(
     conv = float_modules[0]
     qconfig = _x86_like_qconfig(activation_symmetric)
     model = nn.Sequential(*float_modules)
-    qat = qatcore.swap_modules(model, qconfig)[0]
+    qat = qatcore.swap_modules(model, qconfig, quantize_inputs=False)[0]
     oracle_conv = copy.deepcopy(conv)
     weight_fq, output_fq = _ao_fake_quants(activation_symmetric)
     fused = len(float_modules) > 1

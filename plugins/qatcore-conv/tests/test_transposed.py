@@ -110,7 +110,8 @@ def _from_output_channels(channels: torch.Tensor, groups: int) -> torch.Tensor:
 def _run_parity(
     conv: nn.Module, input_shape: tuple[int, ...], output_size: list[int] | None
 ) -> None:
-    qat = qatcore.swap_modules(nn.Sequential(conv), QCONFIG)[0]
+    # torch.ao's eager QAT modules have no input fake quantizer.
+    qat = qatcore.swap_modules(nn.Sequential(conv), QCONFIG, quantize_inputs=False)[0]
     oracle = copy.deepcopy(conv)
     groups = conv.groups
     # With groups > 1 no axis of the weight contains all output channels, so
@@ -223,8 +224,11 @@ def test_grouped_forward_uses_quantized_weight(dim: int) -> None:
 
     output = qat(x)
 
+    # The swapped module is the whole model, so nothing quantized its input before it.
+    input_quantizer = qat.input_quantizer()
+    assert input_quantizer is not None
     weight = qat.fake_quantized_weight()
-    raw = FUNCTIONAL[dim](x, weight, qat.bias, stride=2, groups=2)
+    raw = FUNCTIONAL[dim](input_quantizer(x), weight, qat.bias, stride=2, groups=2)
     assert torch.equal(output, qat.output_fake_quant(raw))
 
 

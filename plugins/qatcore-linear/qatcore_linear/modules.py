@@ -145,7 +145,7 @@ class QATLinearBase(QATModule, nn.Linear):
         return F.linear(input, self._fake_quantized_weight(self.weight), self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = self._linear_output(input)
+        output = self._linear_output(self._quantized_input(input))
         if self.activation is not None:
             output = self.activation(output)
         if self.output_fake_quant is None:

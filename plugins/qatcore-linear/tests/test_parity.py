@@ -83,7 +83,9 @@ def run_parity(
     torch.manual_seed(0)
     linear = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=bias)
     members = (linear, nn.ReLU()) if fused else (linear,)
-    qat = qatcore.swap_modules(nn.Sequential(*members), _qconfig(per_channel_output))[0]
+    qat = qatcore.swap_modules(
+        nn.Sequential(*members), _qconfig(per_channel_output), quantize_inputs=False
+    )[0]
 
     ao_qconfig = _ao_qconfig(per_channel_output, output_axis=len(input_shape) - 1)
     oracle = nnqat.Linear(IN_FEATURES, OUT_FEATURES, bias=bias, qconfig=ao_qconfig)

@@ -179,11 +179,17 @@ def test_nonfinite_counts_name_the_module() -> None:
     model(x)
     model(torch.rand(1, 1, 4, 4))
 
+    # The first conv quantizes the model's input, where the NaN enters. The
+    # second conv's input is the first conv's output, so it has no input quantizer.
+    assert model[0].input_quantizer() is not None
+    assert model[1].input_quantizer() is None
     assert qatcore.nonfinite_counts(model) == {
+        "0.input_fake_quant": 1,
         "0.output_fake_quant": 1,
         "1.output_fake_quant": 1,
     }
-    scales = [model[index].output_fake_quant.scale for index in range(2)]
+    scales = [model[0].input_fake_quant.scale]
+    scales += [model[index].output_fake_quant.scale for index in range(2)]
     assert all(torch.isfinite(scale) for scale in scales)
 
 
