@@ -4,7 +4,7 @@ The usual flow::
 
     qat_model = qatcore.swap_modules(model, qatcore.get_qconfig("x86"))
     ...  # train
-    float_model = qatcore.to_float(qat_model)
+    int8_model = qatcore.convert(qat_model, "x86")  # or qatcore.to_float(qat_model)
 """
 
 from qatcore._api import (
@@ -19,8 +19,18 @@ from qatcore._api import (
 )
 from qatcore._batchnorm import BatchNormFolding
 from qatcore._config import OUTPUT_CHANNELS, QConfig, QuantSpec
+from qatcore._deploy import (
+    DeployError,
+    QuantizedLayer,
+    QuantParams,
+    convert,
+    export,
+    quantized_layers,
+    replace_layers,
+)
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._hookspecs import hookimpl
+from qatcore._int8 import Int8Layer, TorchEngineConverter
 from qatcore._observer import Observer, RangeObserver, finite_min_max
 from qatcore._plan import FusedAway, Plan, PlanEntry, plan
 from qatcore._plugins import PluginError, PluginManager, PluginUnavailable, plugin_manager
@@ -58,6 +68,15 @@ from qatcore._warnings import CoverageWarning, QatcoreWarning
 __version__ = "0.1.0"
 
 __all__ = [
+    "TorchEngineConverter",
+    "Int8Layer",
+    "replace_layers",
+    "quantized_layers",
+    "export",
+    "convert",
+    "QuantParams",
+    "QuantizedLayer",
+    "DeployError",
     "BatchNormFolding",
     "CoverageWarning",
     "FakeQuantize",

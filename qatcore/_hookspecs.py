@@ -5,7 +5,8 @@ below, each marked with :data:`qatcore.hookimpl`. Every hook receives the
 plugin's own :class:`~qatcore.Registry` view and registers entries on it;
 the return value is ignored. Hooks are called when the registry is first
 needed, and again after an in-process plugin is registered or
-unregistered, in the order: modules, observers, kernels, qconfigs. A
+unregistered, in the order: modules, observers, kernels, qconfigs,
+backends. A
 plugin implements only the hooks it needs.
 
 A hook that finds a requirement of its plugin missing on this machine (a
@@ -86,6 +87,21 @@ def qatcore_register_qconfigs(registry: Registry) -> None:
 
 
 @hookspec
+def qatcore_register_backends(registry: Registry) -> None:
+    """Register int8 converters and exporters by backend or format name.
+
+    Call :meth:`Registry.register_converter` for a backend that
+    :func:`qatcore.convert` builds an int8 model for, and
+    :meth:`Registry.register_exporter` for a file format that
+    :func:`qatcore.export` writes.
+
+    :param registry: The registry view of the calling plugin.
+
+    Added in 0.2.
+    """
+
+
+@hookspec
 def qatcore_plugin_notes() -> list[str]:
     """Return facts about the plugin on this machine for ``qatcore plugins`` to print.
 
@@ -103,4 +119,5 @@ REGISTRATION_HOOKS = (
     "qatcore_register_observers",
     "qatcore_register_kernels",
     "qatcore_register_qconfigs",
+    "qatcore_register_backends",
 )

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from qatcore._observer import Observer
 
 __all__ = [
+    "Converter",
     "Entry",
+    "Exporter",
     "Kernel",
     "ObserverFactory",
     "ObservingKernel",
@@ -37,6 +39,14 @@ returns gradients for the scale and zero point."""
 ObservingKernel = Callable[[torch.Tensor, "FakeQuantize"], "torch.Tensor | None"]
 """A kernel for a FakeQuantize's training step: ``kernel(x, fake_quantize)``, see
 :meth:`Registry.register_observing_kernel`."""
+
+Converter = Callable[[nn.Module], nn.Module]
+"""Build an int8 model from a QAT model: ``converter(qat_model)``, see
+:meth:`Registry.register_converter`."""
+
+Exporter = Callable[..., Any]
+"""Write a QAT model to a file: ``exporter(qat_model, path, example_inputs, **options)``,
+see :meth:`Registry.register_exporter`."""
 
 ObserverFactory = Callable[..., "Observer"]
 """Build an observer: ``factory(spec, channels, **spec.observer_options)``."""
@@ -78,7 +88,9 @@ _PROVIDERS: dict[str, dict[object, str]] = {
     "kernel": {("default", "cpu"): "qatcore-cpu", ("default", "cuda"): "qatcore-cuda"},
     "learnable kernel": {("default", "cpu"): "qatcore-cpu"},
     "observing kernel": {("default", "cpu"): "qatcore-cpu"},
-    "qconfig": {"x86": "qatcore-x86"},
+    "qconfig": {"x86": "qatcore-x86", "arm": "qatcore-arm", "tensorrt": "qatcore-tensorrt"},
+    "converter": {"x86": "qatcore-x86", "arm": "qatcore-arm"},
+    "exporter": {"onnx": "qatcore-onnx", "tensorrt": "qatcore-tensorrt"},
 }
 
 
@@ -267,6 +279,8 @@ class Registry:
         observing_kernels: ``(kernel name, device type)`` to a kernel that
             runs a :class:`FakeQuantize`'s whole training step.
         qconfigs: Preset name to :class:`QConfig`.
+        converters: Backend name to the converter that builds its int8 model.
+        exporters: Format name to the exporter that writes it.
     """
 
     def __init__(self, plugin: str = "user") -> None:
@@ -278,6 +292,8 @@ class Registry:
         self.learnable_kernels: Table[tuple[str, str], Kernel] = Table("learnable kernel")
         self.observing_kernels: Table[tuple[str, str], ObservingKernel] = Table("observing kernel")
         self.qconfigs: Table[str, QConfig] = Table("qconfig")
+        self.converters: Table[str, Converter] = Table("converter")
+        self.exporters: Table[str, Exporter] = Table("exporter")
 
     def tables(self) -> dict[str, Table[Any, Any]]:
         """Return every table by its attribute name."""
@@ -289,6 +305,8 @@ class Registry:
             "learnable_kernels": self.learnable_kernels,
             "observing_kernels": self.observing_kernels,
             "qconfigs": self.qconfigs,
+            "converters": self.converters,
+            "exporters": self.exporters,
         }
 
     def register_module(
@@ -435,6 +453,41 @@ class Registry:
         if not isinstance(qconfig, QConfig):
             raise RegistryError(f"qconfig {name!r} must be a QConfig, got {qconfig!r}")
         self.qconfigs.add(name, qconfig, plugin=self.plugin, override=override)
+
+    def register_converter(
+        self, backend: str, converter: Converter, *, override: bool = False
+    ) -> None:
+        """Make ``converter`` serve ``qatcore.convert(model, backend)``.
+
+        ``converter(qat_model)`` returns the int8 model and leaves
+        ``qat_model`` unchanged. It reads the model through
+        :func:`qatcore.quantized_layers` (or :func:`qatcore.replace_layers`)
+        and raises :class:`qatcore.DeployError` naming the module, the
+        operation and the backend for anything the backend cannot run.
+
+        Raises:
+            RegistryError: ``converter`` is not callable, or ``backend`` is taken.
+        """
+        _check_name("backend name", backend)
+        if not callable(converter):
+            raise RegistryError(f"converter for {backend!r} must be callable, got {converter!r}")
+        self.converters.add(backend, converter, plugin=self.plugin, override=override)
+
+    def register_exporter(self, format: str, exporter: Exporter, *, override: bool = False) -> None:
+        """Make ``exporter`` serve ``qatcore.export(model, path, example_inputs, format=format)``.
+
+        ``exporter(qat_model, path, example_inputs, **options)`` writes the
+        file, leaves ``qat_model`` unchanged and returns what it measured or
+        ``None``. It raises :class:`qatcore.DeployError` naming the module,
+        the operation and the format for anything it cannot write.
+
+        Raises:
+            RegistryError: ``exporter`` is not callable, or ``format`` is taken.
+        """
+        _check_name("export format", format)
+        if not callable(exporter):
+            raise RegistryError(f"exporter for {format!r} must be callable, got {exporter!r}")
+        self.exporters.add(format, exporter, plugin=self.plugin, override=override)
 
     def merge(self, other: Registry) -> None:
         """Add ``other``'s entries, or none of them when one conflicts.

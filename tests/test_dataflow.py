@@ -1,0 +1,175 @@
+"""Which QAT module quantized each QAT module's input, and the qparams that deployment reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatcore
+from qatcore._dataflow import input_producers, qat_modules
+
+pytest.importorskip("qatcore_conv")
+pytest.importorskip("qatcore_observers")
+
+ACTIVATION = qatcore.QuantSpec(bits=8, signed=False, symmetric=False)
+WEIGHT = qatcore.QuantSpec(axis=qatcore.OUTPUT_CHANNELS)
+QCONFIG = qatcore.QConfig(weight=WEIGHT, activation=ACTIVATION)
+
+
+def swapped(model: nn.Module, qconfig: object = QCONFIG) -> nn.Module:
+    return qatcore.swap_modules(model, qconfig, quantize_inputs=False)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        return self.head(self.body(y) + y)
+
+
+class Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 4, 3)
+        self.second = nn.Conv2d(4, 4, 1)
+        self.third = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(self.first(x), 2).contiguous()
+        z = self.second(y)
+        return self.third(F.avg_pool2d(z, 1))
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 1)
+        self.b = nn.Conv2d(2, 2, 1)
+        self.shared = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.a(x)) + self.shared(self.b(x))
+
+
+class Branching(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.tail = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # a branch on a value, which torch.fx cannot trace
+            x = x * 2
+        return self.tail(self.conv(x))
+
+
+def test_sequential_chain_through_grid_ops() -> None:
+    model = swapped(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 1),
+            nn.Dropout(),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        )
+    )
+
+    producers = input_producers(model)
+
+    assert producers == {"0": None, "3": "0", "6": "3"}
+
+
+def test_functional_ops_keep_producer() -> None:
+    producers = input_producers(swapped(Pooled()))
+
+    assert producers["first"] is None
+    assert producers["second"] == "first"
+
+
+def test_average_pool_breaks_grid() -> None:
+    assert input_producers(swapped(Pooled()))["third"] is None
+
+
+def test_addition_breaks_grid() -> None:
+    producers = input_producers(swapped(Residual()))
+
+    assert producers == {"stem": None, "body": "stem", "head": None}
+
+
+def test_per_channel_output_is_no_producer() -> None:
+    per_channel = qatcore.QConfig(weight=WEIGHT, activation=qatcore.QuantSpec(axis=1))
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)), per_channel)
+
+    assert input_producers(model) == {"0": None, "1": None}
+
+
+def test_weight_only_producer_is_none() -> None:
+    model = swapped(
+        nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)), qatcore.QConfig(weight=WEIGHT)
+    )
+
+    assert input_producers(model) == {"0": None, "1": None}
+
+
+def test_float_module_breaks_grid() -> None:
+    qconfig = {nn.Conv2d: QCONFIG, nn.BatchNorm2d: None}
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Tanh(), nn.Conv2d(2, 2, 1)), qconfig)
+
+    assert input_producers(model) == {"0": None, "2": None}
+
+
+def test_module_called_on_two_producers() -> None:
+    producers = input_producers(swapped(Shared()))
+
+    assert producers["shared"] is None
+    assert producers["a"] is None
+
+
+def test_untraceable_model_gives_none() -> None:
+    assert input_producers(swapped(Branching())) is None
+
+
+def test_qat_modules_skip_inside_qat_modules() -> None:
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1)))
+
+    names = [name for name, _ in qat_modules(model)]
+
+    assert names == ["0", "2"]
+
+
+def test_codes_break_ties_to_even() -> None:
+    # 0.25 / 0.5 = 0.5 rounds to 0, so the code is the zero point 3.
+    # torch.quantize_per_tensor rounds 0.5 + 3 = 3.5 to 4 instead.
+    params = qatcore.QuantParams(
+        scale=torch.tensor(0.5),
+        zero_point=torch.tensor(3, dtype=torch.int32),
+        quant_min=0,
+        quant_max=255,
+    )
+
+    codes = params.codes(torch.tensor([0.25, 0.75, -10.0, 1000.0]))
+
+    assert codes.tolist() == [3, 5, 0, 255]
+
+
+def test_codes_per_channel() -> None:
+    params = qatcore.QuantParams(
+        scale=torch.tensor([0.1, 1.0]),
+        zero_point=torch.zeros(2, dtype=torch.int32),
+        quant_min=-128,
+        quant_max=127,
+        axis=0,
+    )
+
+    codes = params.codes(torch.tensor([[0.3, -0.15], [3.0, -500.0]]))
+
+    assert codes.tolist() == [[3, -2], [3, -128]]
