@@ -14,14 +14,16 @@ _WEIGHT = QuantSpec(
     bits=8, signed=True, symmetric=True, axis=OUTPUT_CHANNELS, observer="moving_average_minmax"
 )
 
-# Activations: uint8 affine per tensor over the full [0, 255]. The quantized
-# tensors that the x86 engine produces span all 256 codes, so training on the
-# same range makes an activation saturate at the same code in QAT and after
-# conversion. torch.ao's default x86 QAT config instead observes with
-# reduce_range=True: it trains on [0, 127] but deploys on [0, 255].
-# NOTE: torch.ao reduces the range to keep uint8 x int8 pair sums inside
-# int16 on CPUs without VNNI. Whether the full range loses accuracy there is
-# not measured, because int8 conversion is not part of qatcore yet.
-_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, observer="moving_average_minmax")
+# Activations: unsigned affine per tensor over [0, 127], in training and in
+# the int8 model alike. On CPUs without VNNI instructions FBGEMM multiplies
+# uint8 inputs by int8 weights with AVX2's vpmaddubsw, which adds each pair
+# of products in int16 and saturates at 32767: an input code of 255 times a
+# weight code of 127, twice, is 64,770. Codes up to 127 keep every pair sum
+# at most 32,512. With the full [0, 255], converted layers measured up to
+# 51 output steps away from the QAT model when FBGEMM was limited to AVX2
+# (FBGEMM_ENABLE_INSTRUCTIONS=AVX2, torch 2.13.0). torch.ao's default x86
+# config reduces the range in the same way for training, but converts to
+# [0, 255].
+_ACTIVATION = QuantSpec(bits=7, signed=False, symmetric=False, observer="moving_average_minmax")
 
 X86_QCONFIG = QConfig(weight=_WEIGHT, activation=_ACTIVATION)

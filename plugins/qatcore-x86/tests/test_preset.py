@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.ao.nn.quantized as nnq
 from torch import nn
 
 import qatcore
@@ -20,7 +19,8 @@ def test_preset_is_registered_by_the_plugin() -> None:
     assert qconfigs.entry("x86").plugin == "x86"
     x86_plugin = next(info for info in qatcore.plugin_manager().plugins() if info.name == "x86")
     assert x86_plugin.distribution == "qatcore-x86"
-    assert x86_plugin.registrations == {"qconfigs": ["x86"]}
+    assert x86_plugin.registrations == {"qconfigs": ["x86"], "converters": ["x86"]}
+    assert qatcore.plugin_manager().registry.converters.entry("x86").plugin == "x86"
 
 
 def test_weights_are_int8_symmetric_per_channel() -> None:
@@ -51,59 +51,37 @@ def test_weights_get_one_scale_per_output_channel(
     assert qat.weight_fake_quant.scale.shape == (channels,)
 
 
-def test_activations_use_the_full_uint8_range() -> None:
+def test_activations_use_seven_bit_codes() -> None:
     activation = X86_QCONFIG.activation
 
-    assert (activation.quant_min, activation.quant_max) == (0, 255)
+    assert (activation.quant_min, activation.quant_max) == (0, 127)
     assert not activation.symmetric
     assert activation.axis is None
 
 
-def _int8_conv(qat: nn.Module) -> nnq.Conv2d:
-    weight_scale, weight_zero_point = qat.weight_fake_quant.qparams()
-    output_scale, output_zero_point = qat.output_fake_quant.qparams()
-    qweight = torch.quantize_per_channel(
-        qat.weight.detach(), weight_scale.double(), weight_zero_point.long(), 0, torch.qint8
-    )
-    int8 = nnq.Conv2d(qat.in_channels, qat.out_channels, qat.kernel_size, padding=qat.padding)
-    int8.set_weight_bias(qweight, qat.bias.detach())
-    int8.scale = float(output_scale)
-    int8.zero_point = int(output_zero_point)
-    return int8
-
-
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 @pytest.mark.skipif(
     "x86" not in torch.backends.quantized.supported_engines,
     reason="this torch build has no x86 quantized engine",
 )
 def test_qat_and_int8_saturate_at_the_same_code() -> None:
+    pytest.importorskip("qatcore_conv")
     torch.manual_seed(0)
-    torch.backends.quantized.engine = "x86"
-    input_fake_quant = qatcore.FakeQuantize(X86_QCONFIG.activation)
-    qat = qatcore.swap_modules(nn.Conv2d(2, 3, 3, padding=1), X86_QCONFIG)
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)), X86_QCONFIG)
     with torch.no_grad():
-        qat.weight.abs_()  # positive weights: large inputs give large outputs
+        qat[0].weight.abs_()  # positive weights: large inputs give large outputs
     for _ in range(20):
-        qat(input_fake_quant(torch.rand(4, 2, 6, 6)))
+        qat(torch.rand(4, 2, 6, 6))
     qat.eval()
-    input_fake_quant.eval()
-    input_scale, input_zero_point = input_fake_quant.qparams()
-    int8 = _int8_conv(qat)
-    scale, zero_point = qat.output_fake_quant.qparams()
+    int8 = qatcore.convert(qat, "x86")
+    scale, zero_point = qat[0].output_fake_quant.qparams()
 
     # Inputs far outside the calibrated [0, 1] saturate the input quantizer,
-    # then the output quantizer.
+    # then the output quantizer, at code 127 in both models.
     x = torch.rand(2, 2, 6, 6) * 50
     with torch.no_grad():
-        qat_output = qat(input_fake_quant(x))
-    int8_input = torch.quantize_per_tensor(
-        x, float(input_scale), int(input_zero_point), torch.quint8
-    )
-    int8_output = int8(int8_input)
+        qat_codes = torch.round(qat(x) / scale) + zero_point
+        int8_codes = torch.round(int8(x) / scale) + zero_point
 
-    qat_codes = torch.round(qat_output / scale) + zero_point
-    int8_codes = int8_output.int_repr().int()
-    assert qat_codes.max().item() == 255
-    assert int8_codes.max().item() == 255
-    assert (qat_codes.int() - int8_codes).abs().max().item() <= 1
+    assert qat_codes.max().item() == 127
+    assert int8_codes.max().item() == 127
+    assert (qat_codes - int8_codes).abs().max().item() <= 1
