@@ -11,7 +11,9 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 import qatcore
@@ -27,6 +29,9 @@ from qatcore._plugins import (
     plugin_manager,
 )
 from qatcore._protocol import SwapError
+
+if TYPE_CHECKING:
+    from qatcore import _demo
 from qatcore._registry import describe_key
 
 __all__ = ["main"]
@@ -212,6 +217,99 @@ def _run_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- qatcore export --------------------------------------------------------
+
+DEMO_MODEL = "demo"
+"""MODULE:FACTORY shortcut for the demo's CNN, whose input shape is (1, 1, 8, 8)."""
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected sizes separated by commas such as 1,3,224,224, got {text!r}"
+        ) from None
+    if not shape or any(size < 1 for size in shape):
+        raise argparse.ArgumentTypeError(f"every size must be at least 1, got {text!r}")
+    return shape
+
+
+def _load_state_dict(path: Path) -> dict[str, object]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _usage_error(f"cannot read the state_dict: {path} does not exist") from None
+    except Exception as error:  # torch.load raises many types for a bad file
+        raise CommandError(
+            f"cannot read the state_dict {path}: {type(error).__name__}: {error}; pass a file "
+            "written by torch.save(qat_model.state_dict(), path)"
+        ) from None
+    if not isinstance(state, dict):
+        raise CommandError(
+            f"{path} holds a {type(state).__name__}, not a state_dict; save "
+            "qat_model.state_dict() rather than the model"
+        )
+    return state
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from qatcore import _demo
+
+    registry = plugin_manager().registry
+    if args.format not in registry.exporters:
+        missing = registry.exporters.missing_message(args.format)
+        raise _usage_error(f"unknown export format {args.format!r}: {missing}")
+    if args.model == DEMO_MODEL:
+        target, factory = f"{DEMO_MODEL} (the demo's CNN)", _demo.build_model
+        shape = args.input_shape or (1, 1, 8, 8)
+    else:
+        target, factory = _load_factory(args.model)
+        if args.input_shape is None:
+            raise _usage_error(
+                "--input-shape is required for a model other than the demo's: the exporter "
+                "traces one forward call on an input of that shape"
+            )
+        shape = args.input_shape
+    qconfig = _lookup_qconfig(args.qconfig)
+    state = _load_state_dict(args.state_dict)
+    model = _build_model(target, factory)
+    try:
+        qat_model = qatcore.swap_modules(model, qconfig)
+    except SwapError as error:
+        raise CommandError(f"cannot swap {target}: {error}") from None
+    mismatch = f"{args.state_dict} does not fit {target} swapped with the {args.qconfig} preset"
+    fix = "export with the --qconfig and model it was trained with"
+    try:
+        problems = qat_model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of the wrong shape
+        details = [line.strip() for line in str(error).splitlines()[1:4]]
+        raise CommandError(f"{mismatch} ({'; '.join(details)}); {fix}") from None
+    if problems.missing_keys or problems.unexpected_keys:
+        parts = [
+            f"{label}: {', '.join(keys[:5])}{' and more' if len(keys) > 5 else ''}"
+            for label, keys in (
+                ("missing", problems.missing_keys),
+                ("unexpected", problems.unexpected_keys),
+            )
+            if keys
+        ]
+        raise CommandError(f"{mismatch} ({'; '.join(parts)}); {fix}")
+    qat_model.eval()
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    options = {} if args.opset is None else {"opset": args.opset}
+    try:
+        report = qatcore.export(qat_model, args.output, (example,), format=args.format, **options)
+    except qatcore.DeployError as error:
+        raise CommandError(f"cannot export {target}: {error}") from None
+    except OSError as error:
+        raise CommandError(f"cannot write {args.output}: {error}") from None
+    print(f"exported {target} to {args.output} ({args.format})")
+    if report is not None:
+        print(report)
+    return EXIT_OK
+
+
 # -- qatcore demo ----------------------------------------------------------
 
 
@@ -266,10 +364,26 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"Test accuracy on {result.test_size} images ({result.train_size} for training):")
     print(f"  float: {100 * result.float_accuracy:6.2f}%")
     print(f"  QAT:   {100 * result.qat_accuracy:6.2f}%  ({change:+.2f} points, eval mode)")
+    for deployed in result.deployed:
+        _print_lines(_deployed_lines(deployed))
     print(f"Trained and evaluated in {result.seconds:.1f} s")
     if result.state_dict_path is not None:
         print(f"QAT state_dict saved to {result.state_dict_path}")
     return EXIT_OK
+
+
+def _deployed_lines(deployed: _demo.DeployedAccuracy) -> list[str]:
+    label = f"  int8, {deployed.target}:"
+    if deployed.accuracy is None:
+        return [f"{label} not measured: {deployed.reason}"]
+    lines = [
+        f"{label} {100 * deployed.accuracy:6.2f}%  (same label as QAT on "
+        f"{100 * deployed.agreement:.2f}% of the images; logits within "
+        f"{deployed.max_steps:.2f} output steps of QAT)"
+    ]
+    if deployed.path is not None:
+        lines.append(f"    exported to {deployed.path}")
+    return lines
 
 
 # -- parser and entry point ------------------------------------------------
@@ -301,7 +415,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qatcore",
         description="Quantization-aware training for PyTorch: inspect plugins, plan a swap, "
-        "run the demo.",
+        "export a trained model, run the demo.",
     )
     parser.add_argument("--version", action="version", version=f"qatcore {qatcore.__version__}")
     parser.add_argument(
@@ -336,6 +450,48 @@ def _build_parser() -> argparse.ArgumentParser:
         "--qconfig", default="x86", metavar="NAME", help="preset QConfig (default: x86)"
     )
     plan_parser.set_defaults(run=_run_plan)
+
+    export_parser = commands.add_parser(
+        "export",
+        help="export a trained QAT model, such as to ONNX with QDQ pairs",
+        description="Build the model with MODULE:FACTORY (or 'demo' for the demo's CNN), swap "
+        "it with the preset, load the QAT state_dict, and export it. The exporter checks the "
+        "file and prints how far its output is from the QAT model's on a random input.",
+    )
+    export_parser.add_argument(
+        "model",
+        metavar="MODULE:FACTORY",
+        help="a function or class that builds the float model, or 'demo'",
+    )
+    export_parser.add_argument(
+        "--state-dict",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the QAT model's state_dict, as torch.save wrote it (the demo's --output writes one)",
+    )
+    export_parser.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="FILE", help="the file to write"
+    )
+    export_parser.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        metavar="SIZES",
+        help="shape of the model's input, such as 1,3,224,224 (default for demo: 1,1,8,8)",
+    )
+    export_parser.add_argument(
+        "--qconfig",
+        default="x86",
+        metavar="NAME",
+        help="preset QConfig the model was trained with (default: x86)",
+    )
+    export_parser.add_argument(
+        "--format", default="onnx", metavar="NAME", help="export format (default: onnx)"
+    )
+    export_parser.add_argument(
+        "--opset", type=_at_least(1), metavar="N", help="ONNX opset (default: the exporter's)"
+    )
+    export_parser.set_defaults(run=_run_export)
 
     demo = commands.add_parser(
         "demo",

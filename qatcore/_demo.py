@@ -25,8 +25,10 @@ from torch import nn
 
 from qatcore._api import get_qconfig
 from qatcore._config import QConfig
+from qatcore._deploy import DeployError, convert, export, quantized_layers
 from qatcore._fake_quantize import FakeQuantize
 from qatcore._plan import Plan, plan
+from qatcore._plugins import plugin_manager
 from qatcore._swap import freeze_observers, swap_modules
 from qatcore._warnings import CoverageWarning
 
@@ -35,13 +37,16 @@ __all__ = [
     "DEFAULT_QAT_EPOCHS",
     "DIGITS_SAMPLES",
     "MIN_SAMPLES",
+    "ONNX_NAME",
     "STATE_DICT_NAME",
     "DemoResult",
+    "DeployedAccuracy",
     "DigitsSplit",
     "MissingDependencyError",
     "ProgressBar",
     "TrainingStep",
     "build_model",
+    "deployed_accuracies",
     "evaluate",
     "load_digits_split",
     "run_demo",
@@ -68,6 +73,7 @@ FLOAT_LEARNING_RATE = 3e-3
 QAT_LEARNING_RATE = 3e-4
 QPARAM_LEARNING_RATE = 1e-5
 STATE_DICT_NAME = "qat_state_dict.pt"
+ONNX_NAME = "model.onnx"
 
 DEMO_THREADS = 1
 """Intra-op threads while the demo runs.
@@ -129,6 +135,10 @@ class DemoResult:
         test_size: Number of test images.
         seconds: Wall time of training, swap and evaluation.
         state_dict_path: Where the QAT ``state_dict`` was saved, if it was.
+        deployed: The int8 accuracies: with the converter registered under
+            the preset's name (the x86 engine for ``x86``), and in ONNX
+            Runtime through the exporter registered under the preset's name
+            or ``"onnx"``.
     """
 
     float_accuracy: float
@@ -140,6 +150,30 @@ class DemoResult:
     test_size: int
     seconds: float
     state_dict_path: Path | None = None
+    deployed: tuple[DeployedAccuracy, ...] = ()
+
+
+@attrs.frozen
+class DeployedAccuracy:
+    """Test accuracy of the QAT model once deployed in int8, or why it was not measured.
+
+    Attributes:
+        target: Where the int8 model ran, such as ``"x86 engine"`` or ``"ONNX Runtime"``.
+        accuracy: Test accuracy in [0, 1], or ``None`` when not measured.
+        agreement: Fraction of test images labelled as the QAT model labels
+            them, or ``None`` when not measured.
+        max_steps: Largest difference of the int8 logits to the QAT model's,
+            in steps of the output scale, or ``None`` when not measured.
+        reason: Why it was not measured, with the fix; empty when it was.
+        path: The exported file, for a target that runs one.
+    """
+
+    target: str
+    accuracy: float | None = None
+    agreement: float | None = None
+    max_steps: float | None = None
+    reason: str = ""
+    path: Path | None = None
 
 
 ProgressCallback = Callable[[TrainingStep], None]
@@ -330,7 +364,8 @@ def run_demo(
         learnable: Train the scales (LSQ) and affine zero points (LSQ+).
         samples: Use this many images instead of all 1,797.
         output: Folder to save the QAT ``state_dict`` in, as
-            ``qat_state_dict.pt``; created if missing.
+            ``qat_state_dict.pt``, and the ONNX export, as ``model.onnx``;
+            created if missing.
         progress: Called after every optimizer step.
 
     Raises:
@@ -390,6 +425,7 @@ def run_demo(
             observe_epochs=1 if learnable else None,
         )
         qat_accuracy = evaluate(qat_model, data.test_images, data.test_labels)
+        deployed = deployed_accuracies(qat_model, qconfig_name, data, output)
     seconds = time.perf_counter() - started
 
     if state_dict_path is not None:
@@ -408,7 +444,77 @@ def run_demo(
         test_size=len(data.test_labels),
         seconds=seconds,
         state_dict_path=state_dict_path,
+        deployed=deployed,
     )
+
+
+def _scores(
+    qat_model: nn.Module, logits: torch.Tensor, expected: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """Return the accuracy, agreement with the QAT model and largest logit difference in steps."""
+    layers = quantized_layers(qat_model)
+    step = float(layers[-1].output.scale)
+    return {
+        "accuracy": int((logits.argmax(dim=1) == labels).sum()) / len(labels),
+        "agreement": float((logits.argmax(dim=1) == expected.argmax(dim=1)).float().mean()),
+        # Both logits lie on the output grid up to float32 rounding, so the
+        # difference is a whole number of steps to well within 1e-4.
+        "max_steps": round(float((logits - expected).abs().max()) / step, 4),
+    }
+
+
+def deployed_accuracies(
+    qat_model: nn.Module, qconfig_name: str, data: DigitsSplit, output: Path | None = None
+) -> tuple[DeployedAccuracy, ...]:
+    """Convert and export the trained ``qat_model`` to int8 and score it on the test images.
+
+    Two targets are tried: the converter registered under ``qconfig_name``
+    (PyTorch's x86 engine for the ``x86`` preset), and ONNX Runtime
+    through the exporter registered under ``qconfig_name`` or ``"onnx"``.
+    A target whose plugin is missing, or that cannot take the model, is
+    reported with the reason. The ONNX file is written to ``output`` as
+    ``model.onnx`` when ``output`` is given. The quantized engine of the
+    process is left as it was.
+    """
+    registry = plugin_manager().registry
+    images, labels = data.test_images, data.test_labels
+    with torch.no_grad():
+        expected = qat_model.eval()(images)
+    results = []
+
+    engine = torch.backends.quantized.engine
+    try:
+        if qconfig_name in registry.converters:
+            target = f"{qconfig_name} engine"
+            try:
+                int8_model = convert(qat_model, qconfig_name)
+                with torch.no_grad():
+                    logits = int8_model(images)
+                results.append(
+                    DeployedAccuracy(target, **_scores(qat_model, logits, expected, labels))
+                )
+            except DeployError as error:
+                results.append(DeployedAccuracy(target, reason=str(error)))
+    finally:
+        torch.backends.quantized.engine = engine
+
+    export_format = qconfig_name if qconfig_name in registry.exporters else "onnx"
+    target = "ONNX Runtime"
+    if export_format not in registry.exporters:
+        reason = registry.exporters.missing_message(export_format)
+        results.append(DeployedAccuracy(target, reason=reason))
+        return tuple(results)
+    with tempfile.TemporaryDirectory() as folder:
+        path = (output if output is not None else Path(folder)) / ONNX_NAME
+        try:
+            report = export(qat_model, path, (images,), format=export_format)
+        except DeployError as error:
+            results.append(DeployedAccuracy(target, reason=str(error)))
+            return tuple(results)
+        scores = _scores(qat_model, report.outputs[0], expected, labels)
+        kept = path if output is not None else None
+        results.append(DeployedAccuracy(target, path=kept, **scores))
+    return tuple(results)
 
 
 def _prepare_output(output: Path) -> Path:

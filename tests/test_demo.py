@@ -201,3 +201,50 @@ def test_demo_at_four_bits_uses_sixteen_codes(demo_dependencies: None) -> None:
     for module in result.qat_model.modules():
         if isinstance(module, qatcore.FakeQuantize):
             assert module.quant_max - module.quant_min == 15
+
+
+def test_reduced_demo_scores_int8_on_x86_engine(reduced_result: _demo.DemoResult) -> None:
+    engine = next(row for row in reduced_result.deployed if row.target == "x86 engine")
+
+    assert engine.reason == ""
+    assert engine.max_steps is not None
+    assert engine.max_steps <= 1.0
+    assert engine.agreement is not None
+    assert engine.agreement >= 0.95
+    assert engine.accuracy is not None
+    assert abs(engine.accuracy - reduced_result.qat_accuracy) <= 0.05
+
+
+def test_reduced_demo_scores_int8_in_onnx_runtime(reduced_result: _demo.DemoResult) -> None:
+    pytest.importorskip("qatcore_onnx")
+
+    runtime = next(row for row in reduced_result.deployed if row.target == "ONNX Runtime")
+
+    assert runtime.reason == ""
+    assert runtime.max_steps is not None
+    assert runtime.max_steps <= 1.0
+    assert runtime.accuracy is not None
+    assert abs(runtime.accuracy - reduced_result.qat_accuracy) <= 0.05
+
+
+def test_demo_keeps_quantized_engine(demo_dependencies: None) -> None:
+    previous = torch.backends.quantized.engine
+    other = next(engine for engine in torch.backends.quantized.supported_engines if engine != "x86")
+    torch.backends.quantized.engine = other
+    try:
+        _demo.run_demo(seed=1, **REDUCED)
+
+        assert torch.backends.quantized.engine == other
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def test_demo_output_keeps_onnx_file(demo_dependencies: None, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("qatcore_onnx")
+
+    result = _demo.run_demo(seed=0, output=tmp_path, **REDUCED)
+
+    runtime = next(row for row in result.deployed if row.target == "ONNX Runtime")
+    assert runtime.path == tmp_path / _demo.ONNX_NAME
+    onnx.checker.check_model(onnx.load(runtime.path))
