@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 import qatcore
 from qatcore import _hookspecs
@@ -109,16 +110,24 @@ def test_user_guide_lists_every_tox_env() -> None:
         assert f"| `{env}` |" in guide, f"tox env {env} is missing from the user guide's table"
 
 
-def test_readme_swap_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    for module in ("qatcore_conv", "qatcore_observers", "qatcore_x86"):
+def test_readme_swap_example_runs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in ("qatcore_conv", "qatcore_observers", "qatcore_x86", "qatcore_onnx"):
         pytest.importorskip(module)
     example = code_blocks(README, "python")[0]
+    monkeypatch.chdir(tmp_path)  # the example writes model.onnx
+    engine = torch.backends.quantized.engine
 
-    exec(compile(example, str(README), "exec"), {})
+    try:
+        exec(compile(example, str(README), "exec"), {})
+    finally:
+        torch.backends.quantized.engine = engine
 
     output = capsys.readouterr().out
     assert "ConvReLU2d" in output
     assert "no QAT mapping for torch.nn.Flatten" in output
+    assert (tmp_path / "model.onnx").is_file()
 
 
 def test_plugins_versioned_in_lockstep() -> None:
