@@ -247,7 +247,7 @@ def _load_state_dict(path: Path) -> dict[str, object]:
         ) from None
     if not isinstance(state, dict):
         raise CommandError(
-            f"{path} holds a {type(state).__name__}, not a state_dict; save "
+            f"{path} contains a {type(state).__name__}, not a state_dict; save "
             "qat_model.state_dict() rather than the model"
         )
     return state

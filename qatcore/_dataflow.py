@@ -1,4 +1,4 @@
-"""Which QAT module quantized the input of each QAT module, read off the traced forward.
+"""Input producers: the QAT module that quantized each QAT module's input, per traced forward.
 
 An int8 engine needs every quantized layer's input as integer codes with a
 known scale and zero point. Where a layer's input is the output of another
@@ -145,11 +145,11 @@ def input_producers(model: nn.Module) -> dict[str, str | None] | None:
     """Map each QAT module called in ``model``'s forward to the QAT module that quantized its input.
 
     The value is the qualified name of the QAT module whose per-tensor
-    output fake quantizer produced the input's values, or ``None`` where the
-    input is on no such grid: the model's input, the result of an addition,
-    an average pool, a float module, or a module called on several inputs
-    with different producers. QAT modules that the forward does not call
-    are missing from the map.
+    output fake quantizer produced the input's values. It is ``None`` where
+    the input is on no such grid: the model's input, the result of an
+    addition, an average pool or a float module. It is also ``None`` for a
+    module called on several inputs with different producers. QAT modules
+    that the forward does not call are missing from the map.
 
     Returns None when torch.fx cannot trace the model, so that the wiring is
     unknown.

@@ -512,8 +512,8 @@ def deployed_accuracies(
             results.append(DeployedAccuracy(target, reason=str(error)))
             return tuple(results)
         scores = _scores(qat_model, report.outputs[0], expected, labels)
-        kept = path if output is not None else None
-        results.append(DeployedAccuracy(target, path=kept, **scores))
+        saved_path = path if output is not None else None
+        results.append(DeployedAccuracy(target, path=saved_path, **scores))
     return tuple(results)
 
 

@@ -45,7 +45,7 @@ class DeployError(ValueError):
 
 @attrs.frozen(eq=False)
 class QuantParams:
-    """How one tensor of a trained QAT layer is quantized.
+    """The quantization of one tensor of a trained QAT layer.
 
     Attributes:
         scale: float32 scale, a scalar or one per channel along ``axis``.
@@ -116,7 +116,13 @@ class QuantizedLayer:
         activation: The activation fused after the layer, such as
             ``nn.ReLU``, or ``None``. It runs before the output is quantized.
         input: Qparams of the layer's input.
-        weight: Qparams of the layer's weight.
+        weight: Qparams of the layer's weight. Per-channel scales are
+            ordered by output channel. A transposed conv with ``groups > 1``
+            has no weight axis with one entry per output channel. Its
+            scales apply along axis 1 of the weight regrouped to
+            ``(in_channels // groups, out_channels, *kernel_size)``, in
+            which output channel ``g * (out_channels // groups) + j`` is
+            column ``j`` of group ``g``'s rows, as the QAT module quantizes it.
         output: Qparams of the output, after the activation.
         input_from: Qualified name of the QAT module whose output quantizer
             also quantizes this layer's input, or ``None`` when the layer
