@@ -37,6 +37,7 @@ _QUANTIZED_TYPES: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module] |
 }
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PADDING_MODES = ("zeros", "reflect")
+_INT16_MAX = 32767
 
 
 @contextlib.contextmanager
@@ -407,16 +408,19 @@ class TorchEngineConverter:
     def _check_pair_sums(
         self, layer: QuantizedLayer, where: str, quantized_type: type[nn.Module]
     ) -> None:
-        """Raise where the engine would saturate on the layer's input codes (CPUs without VNNI)."""
-        if layer.input.quant_max <= 127 or not _saturates_pair_sums(self.engine, quantized_type):
+        """Raise where the engine would saturate on the layer's codes (CPUs without VNNI)."""
+        weight_code = max(-layer.weight.quant_min, layer.weight.quant_max)
+        pair_sum = 2 * layer.input.quant_max * weight_code
+        if pair_sum <= _INT16_MAX or not _saturates_pair_sums(self.engine, quantized_type):
             return
         raise DeployError(
-            f"{where}: cannot convert for the {self.backend} engine: its input codes span "
-            f"[{layer.input.quant_min}, {layer.input.quant_max}], but on this CPU the "
-            f"{self.engine} engine adds pairs of uint8 x int8 products in int16, which "
-            "saturates for input codes above 127 (the CPU lacks VNNI instructions); train "
-            "with activation codes in [0, 127] (QuantSpec(bits=7, signed=False)), as the "
-            "x86 preset does, or convert on a CPU with VNNI"
+            f"{where}: cannot convert for the {self.backend} backend ({self.engine} engine): "
+            f"its input codes reach {layer.input.quant_max} and its weight codes "
+            f"{weight_code} in magnitude, so a pair of products sums to {pair_sum}, but on "
+            f"this CPU the {self.engine} engine adds such pairs in int16, which saturates "
+            f"above {_INT16_MAX} (the CPU lacks VNNI instructions); train with 7-bit weights "
+            "(QuantSpec(bits=7, narrow_range=True)), as the x86 preset does, or convert on "
+            "a CPU with VNNI"
         )
 
     def _packing_error(

@@ -23,10 +23,11 @@ def test_preset_is_registered_by_the_plugin() -> None:
     assert qatcore.plugin_manager().registry.converters.entry("x86").plugin == "x86"
 
 
-def test_weights_are_int8_symmetric_per_channel() -> None:
+def test_weights_are_seven_bit_symmetric_per_channel() -> None:
     weight = X86_QCONFIG.weight
 
-    assert (weight.quant_min, weight.quant_max) == (-128, 127)
+    # 255 * 63 * 2 = 32,130: a pair of products fits in int16 without VNNI.
+    assert (weight.quant_min, weight.quant_max) == (-63, 63)
     assert weight.symmetric
     assert weight.axis == qatcore.OUTPUT_CHANNELS
     assert weight.observer == "moving_average_minmax"
@@ -51,10 +52,10 @@ def test_weights_get_one_scale_per_output_channel(
     assert qat.weight_fake_quant.scale.shape == (channels,)
 
 
-def test_activations_use_seven_bit_codes() -> None:
+def test_activations_use_the_full_uint8_range() -> None:
     activation = X86_QCONFIG.activation
 
-    assert (activation.quant_min, activation.quant_max) == (0, 127)
+    assert (activation.quant_min, activation.quant_max) == (0, 255)
     assert not activation.symmetric
     assert activation.axis is None
 
@@ -76,12 +77,12 @@ def test_qat_and_int8_saturate_at_the_same_code() -> None:
     scale, zero_point = qat[0].output_fake_quant.qparams()
 
     # Inputs far outside the calibrated [0, 1] saturate the input quantizer,
-    # then the output quantizer, at code 127 in both models.
+    # then the output quantizer, at code 255 in both models.
     x = torch.rand(2, 2, 6, 6) * 50
     with torch.no_grad():
         qat_codes = torch.round(qat(x) / scale) + zero_point
         int8_codes = torch.round(int8(x) / scale) + zero_point
 
-    assert qat_codes.max().item() == 127
-    assert int8_codes.max().item() == 127
+    assert qat_codes.max().item() == 255
+    assert int8_codes.max().item() == 255
     assert (qat_codes - int8_codes).abs().max().item() <= 1
