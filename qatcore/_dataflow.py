@@ -111,9 +111,90 @@ def qat_modules(model: nn.Module) -> Iterator[tuple[str, QATModule]]:
         stack.extend(reversed(children))
 
 
+# Hook attributes of a module; a hook may change the values a call returns.
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks")
+_GLOBAL_CALL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks")
+
+# In-place ops whose result keeps a grid, so that mutating with them is harmless.
+_GRID_IN_PLACE = frozenset({"relu_", F.relu, torch.relu_})
+_IN_PLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.ipow,
+        operator.setitem,
+    }
+)
+# Views share their base's storage: writing to one writes to the other.
+_VIEW_METHODS = frozenset(
+    {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze"}
+)
+_VIEW_FUNCTIONS = frozenset(
+    {
+        operator.getitem,
+        torch.flatten,
+        torch.reshape,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.permute,
+        torch.transpose,
+    }
+)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, kind, None) for kind in _CALL_HOOKS)
+
+
+def _writes_in_place(node: Any) -> bool:
+    """Return whether ``node`` changes its first argument's values in place."""
+    target = node.target
+    if node.op == "call_method":
+        return (
+            str(target).endswith("_")
+            and not str(target).startswith("_")
+            and (target not in _GRID_IN_PLACE)
+        )
+    if node.op == "call_function":
+        if target in _IN_PLACE_OPERATORS:
+            return True
+        if node.kwargs.get("inplace") and target not in _GRID_IN_PLACE:
+            return True
+        name = getattr(target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_") and target not in _GRID_IN_PLACE
+    return False
+
+
+def _mutated_nodes(graph: Any) -> set[Any]:
+    """Return the nodes whose values an in-place op changes, with the bases of changed views.
+
+    torch.fx records ``y.mul_(3)`` as a node that nothing uses, and a later
+    call still reads ``y``: so the grid of ``y`` cannot be trusted.
+    """
+    mutated: set[Any] = set()
+    for node in graph.nodes:
+        if not _writes_in_place(node) or not node.args:
+            continue
+        target = node.args[0]
+        while hasattr(target, "op") and target not in mutated:
+            mutated.add(target)
+            is_view = (target.op == "call_method" and target.target in _VIEW_METHODS) or (
+                target.op == "call_function" and target.target in _VIEW_FUNCTIONS
+            )
+            if not is_view or not target.args:
+                break
+            target = target.args[0]
+    return mutated
+
+
 def _keeps_grid(node: Any, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         module = modules[str(node.target)]
+        if _has_hooks(module):
+            return False
         return type(module) in _GRID_MODULES or type(module).__name__ == "FusedAway"
     if node.op == "call_function":
         return node.target in _GRID_FUNCTIONS
@@ -122,17 +203,19 @@ def _keeps_grid(node: Any, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _producer(node: Any, modules: dict[str, nn.Module]) -> str | None:
+def _producer(node: Any, modules: dict[str, nn.Module], mutated: set[Any]) -> str | None:
     """Return the QAT module whose per-tensor output fake quantizer made ``node``'s values."""
     # ``node`` is a torch.fx.Node, or a node of the call chain that
     # sequential_graph builds, with the same attributes.
     while hasattr(node, "op"):
+        if node in mutated:
+            return None
         if node.op == "call_module":
             target = str(node.target)
             module = modules[target]
             if isinstance(module, QATModule):
                 quantizer = module.output_fake_quant
-                if quantizer is None or quantizer.spec.per_channel:
+                if quantizer is None or quantizer.spec.per_channel or _has_hooks(module):
                     return None
                 return target
         if not _keeps_grid(node, modules):
@@ -147,9 +230,11 @@ def input_producers(model: nn.Module) -> dict[str, str | None] | None:
     The value is the qualified name of the QAT module whose per-tensor
     output fake quantizer produced the input's values. It is ``None`` where
     the input is on no such grid: the model's input, the result of an
-    addition, an average pool or a float module. It is also ``None`` for a
-    module called on several inputs with different producers. QAT modules
-    that the forward does not call are missing from the map.
+    addition, an average pool or a float module. It is also ``None`` where
+    a forward hook, a forward pre-hook of the consumer or an in-place op
+    (other than ReLU) may change the values on the way, and for a module
+    called on several inputs with different producers. QAT modules that the
+    forward does not call are missing from the map.
 
     Returns None when torch.fx cannot trace the model, so that the wiring is
     unknown.
@@ -163,14 +248,20 @@ def input_producers(model: nn.Module) -> dict[str, str | None] | None:
             return None
 
     modules = dict(iter_named_modules(model))
+    mutated = _mutated_nodes(graph)
+    # torch keeps these dicts private; one that a later torch lacks counts as hooked.
+    global_hooks = any(getattr(torch.nn.modules.module, kind, True) for kind in _GLOBAL_CALL_HOOKS)
     found: dict[str, set[str | None]] = {}
     for node in graph.nodes:
         if node.op != "call_module":
             continue
         target = str(node.target)
-        if not isinstance(modules[target], QATModule):
+        module = modules[target]
+        if not isinstance(module, QATModule):
             continue
-        source = _producer(node.args[0], modules) if node.args else None
+        source = None
+        if node.args and not global_hooks and not module._forward_pre_hooks:
+            source = _producer(node.args[0], modules, mutated)
         found.setdefault(target, set()).add(source)
     return {
         name: next(iter(sources)) if len(sources) == 1 else None for name, sources in found.items()

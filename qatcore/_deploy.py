@@ -19,7 +19,7 @@ from torch import nn
 
 from qatcore._dataflow import input_producers, qat_modules
 from qatcore._fake_quantize import FakeQuantize
-from qatcore._plan import iter_named_modules
+from qatcore._plan import POST_HOOKS, PRE_HOOKS, iter_named_modules
 from qatcore._plugins import plugin_manager
 from qatcore._protocol import QATModule, qualified_name
 from qatcore._reference import fake_quantize_reference
@@ -237,19 +237,21 @@ def quantized_layers(model: nn.Module) -> list[QuantizedLayer]:
 def replace_layers(model: nn.Module, build: Callable[[QuantizedLayer], nn.Module]) -> nn.Module:
     """Return a copy of ``model`` in eval mode with each QAT module replaced by ``build(layer)``.
 
-    The model itself is not changed. Every module that is not a QAT module
+    The model itself is not changed. Each built module gets copies of its
+    QAT module's forward hooks and forward pre-hooks. Every module that is not a QAT module
     is copied unchanged, and a QAT module registered under several names
     is replaced under each by one built module. A converter or exporter
     calls this with a ``build`` that makes the module its target runs.
 
     Raises:
-        DeployError: As :func:`quantized_layers` raises, or as ``build`` does.
+        DeployError: As :func:`quantized_layers` raises, or as ``build``
+            does, or a module inside a QAT module has a forward hook.
     """
     from qatcore._copy import copy_module_tree
     from qatcore._swap import _replace
 
     layers = quantized_layers(model)
-    built = {layer.name: build(layer) for layer in layers}
+    built = {layer.name: _with_hooks_of(layer, build(layer)) for layer in layers}
     if isinstance(model, QATModule):
         return built[""].eval()
     by_module = {id(layer.module): built[layer.name] for layer in layers}
@@ -263,6 +265,31 @@ def replace_layers(model: nn.Module, build: Callable[[QuantizedLayer], nn.Module
         if key in by_module:
             _replace(result, name, by_module[key])
     return result.eval()
+
+
+def _with_hooks_of(layer: QuantizedLayer, built: nn.Module) -> nn.Module:
+    """Give ``built`` copies of the forward hooks of ``layer``'s QAT module, and return it.
+
+    The hooks then change the deployed layer's input and output as they
+    change the QAT module's. A hook inside the QAT module, on a fake
+    quantizer or a fused activation, has no counterpart in a deployed layer.
+
+    Raises:
+        DeployError: A module inside the QAT module has a forward hook.
+    """
+    for name, inner in layer.module.named_modules():
+        if name and any(getattr(inner, kind, None) for kind in PRE_HOOKS + POST_HOOKS):
+            raise DeployError(
+                f"{qualified_name(layer.name, layer.module)}: its submodule {name} "
+                f"({type(inner).__name__}) has a forward hook, which a deployed layer cannot "
+                "run because it has no such submodule; remove the hook before converting, or "
+                "register it on the QAT module itself"
+            )
+    for kind in PRE_HOOKS + POST_HOOKS:
+        hooks = getattr(layer.module, kind, None)
+        if hooks:
+            built.__dict__[kind] = type(hooks)(hooks)
+    return built
 
 
 def convert(model: nn.Module, backend: str = "x86") -> nn.Module:

@@ -438,3 +438,35 @@ def test_full_range_inputs_follow_this_cpu() -> None:
     int8 = qatcore.convert(qat, "x86")
     x = torch.rand(8, 64, 4, 4) * 50
     assert _max_steps(qat, int8, x, float(qat[0].output_fake_quant.scale)) <= 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_hooks_run_in_int8_layer(backend: str) -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 2, 1))
+    model[0].register_forward_hook(lambda module, args, output: output * 3)
+    model[1].register_forward_pre_hook(lambda module, args: (args[0] + 0.5,))
+    qat = _train(qatcore.swap_modules(model, qatcore.get_qconfig(backend)), (4, 2, 6, 6))
+    qat.eval()
+
+    int8 = qatcore.convert(qat, backend)
+
+    assert len(int8[0]._forward_hooks) == 1
+    assert len(int8[1]._forward_pre_hooks) == 1
+    x = torch.randn(4, 2, 6, 6)
+    assert _max_steps(qat, int8, x, float(qat[1].output_fake_quant.scale)) <= 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hook_inside_qat_module_is_rejected(backend: str) -> None:
+    qat = _train(
+        qatcore.swap_modules(nn.Sequential(nn.Conv2d(2, 4, 3)), qatcore.get_qconfig(backend)),
+        (4, 2, 6, 6),
+    )
+    qat.eval()
+    qat[0].output_fake_quant.register_forward_hook(lambda module, args, output: output)
+
+    with pytest.raises(qatcore.DeployError) as error:
+        qatcore.convert(qat, backend)
+
+    assert "0 (Conv2d): its submodule output_fake_quant" in str(error.value)
+    assert "remove the hook" in str(error.value)

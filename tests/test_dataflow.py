@@ -173,3 +173,77 @@ def test_codes_per_channel() -> None:
     codes = params.codes(torch.tensor([[0.3, -0.15], [3.0, -500.0]]))
 
     assert codes.tolist() == [[3, -2], [3, -128]]
+
+
+class InPlace(nn.Module):
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 2, 1)
+        self.second = nn.Conv2d(2, 2, 1)
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x)
+        if self.method == "mul_":
+            y.mul_(3)
+        elif self.method == "view mul_":
+            y.view(-1).mul_(3)
+        elif self.method == "setitem":
+            y[:, 0] = 0.5
+        elif self.method == "relu_":
+            y.relu_()
+        return self.second(y)
+
+
+@pytest.mark.parametrize("method", ["mul_", "view mul_"])
+def test_in_place_change_breaks_grid(method: str) -> None:
+    assert input_producers(swapped(InPlace(method)))["second"] is None
+
+
+def test_item_assignment_gets_input_quantizer() -> None:
+    # torch.fx cannot trace item assignment, so every swapped layer gets one.
+    qat = qatcore.swap_modules(InPlace("setitem"), QCONFIG)
+
+    assert qat.second.input_quantizer() is not None
+
+
+def test_in_place_relu_keeps_producer() -> None:
+    assert input_producers(swapped(InPlace("relu_")))["second"] == "first"
+
+
+def test_in_place_relu_module_keeps_producer() -> None:
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(2, 2, 1)))
+
+    assert input_producers(model) == {"0": None, "2": "0"}
+
+
+def test_forward_hook_on_producer_breaks_grid() -> None:
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)))
+    model[0].register_forward_hook(lambda module, args, output: output * 3)
+
+    assert input_producers(model) == {"0": None, "1": None}
+
+
+def test_forward_hook_on_grid_module_breaks_grid() -> None:
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(1), nn.Conv2d(2, 2, 1)))
+    model[1].register_forward_hook(lambda module, args, output: output + 0.1)
+
+    assert input_producers(model)["2"] is None
+
+
+def test_pre_hook_on_consumer_breaks_grid() -> None:
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)))
+    model[1].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+    assert input_producers(model)["1"] is None
+
+
+def test_global_forward_hook_breaks_grid() -> None:
+    model = swapped(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        producers = input_producers(model)
+    finally:
+        handle.remove()
+
+    assert producers == {"0": None, "1": None}
