@@ -221,6 +221,51 @@ class FakeQuantize(Float32Buffers):
         zero_point = torch.round(self.zero_point.detach()).clamp(self.quant_min, self.quant_max)
         return scale.clone(), zero_point.to(torch.int32)
 
+    def get_extra_state(self) -> torch.Tensor:
+        """Return what the saved qparams mean: ``[quant_min, quant_max, symmetric, axis]``.
+
+        It is saved in the ``state_dict`` as ``_extra_state``, so that a
+        load checks that the qparams were trained for this module's codes.
+        ``axis`` is -1 for a per-tensor spec.
+        """
+        axis = self.spec.axis if isinstance(self.spec.axis, int) else -1
+        return torch.tensor(
+            [self.quant_min, self.quant_max, int(self.spec.symmetric), axis], dtype=torch.int64
+        )
+
+    def set_extra_state(self, state: Any) -> None:
+        """Accept the saved ``_extra_state``, which :meth:`_load_from_state_dict` has checked."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = f"{prefix}_extra_state"
+        saved = state_dict.get(key)
+        expected = self.get_extra_state()
+        if saved is not None and not torch.equal(torch.as_tensor(saved).cpu(), expected):
+            error_msgs.append(
+                f"{prefix[:-1] or '<root>'}: its saved qparams were trained for "
+                f"{_describe_extra_state(saved)}, but this fake quantizer uses "
+                f"{_describe_extra_state(expected)}; load the state_dict into the model "
+                "swapped with the QConfig it was trained with"
+            )
+            state_dict = {name: value for name, value in state_dict.items() if name != key}
+            saved = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if saved is None and key in missing_keys:
+            # A state_dict saved before the key existed, or one that failed
+            # the check above, which error_msgs already reports.
+            missing_keys.remove(key)
+
     def __getstate__(self) -> dict[str, Any]:
         # Kernels are looked up again after unpickling, in the new process's registry.
         state = self.__dict__.copy()
@@ -237,3 +282,13 @@ class FakeQuantize(Float32Buffers):
             f"observer_enabled={self.observer_enabled}, "
             f"fake_quant_enabled={self.fake_quant_enabled}"
         )
+
+
+def _describe_extra_state(state: Any) -> str:
+    values = [int(value) for value in torch.as_tensor(state).flatten().tolist()]
+    if len(values) != 4:
+        return f"an unknown scheme {values}"
+    quant_min, quant_max, symmetric, axis = values
+    scheme = "symmetric" if symmetric else "affine"
+    per = "per tensor" if axis < 0 else f"per channel along axis {axis}"
+    return f"{scheme} codes [{quant_min}, {quant_max}] {per}"

@@ -239,3 +239,31 @@ def test_export_old_opset_names_needed_opset(
     assert code == 1
     assert "cannot export" in error
     assert "13" in error
+
+
+def test_export_rejects_state_dict_of_other_preset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("qatcore_arm")
+    state = trained_state_dict(_demo.build_model(), (8, 1, 8, 8), tmp_path / "qat.pt")
+
+    code = main(
+        [
+            "export",
+            "demo",
+            "--state-dict",
+            str(state),
+            "--qconfig",
+            "arm",
+            "-o",
+            str(tmp_path / "m.onnx"),
+        ]
+    )
+
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "does not fit" in error
+    assert (
+        "weight_fake_quant: its saved qparams were trained for symmetric codes [-63, 63]" in error
+    )
+    assert not (tmp_path / "m.onnx").exists()

@@ -987,3 +987,59 @@ def test_state_dict_with_input_quantizers_loads(x86: qatcore.QConfig) -> None:
     for qat in (trained, fresh):
         qat.eval()
     assert torch.equal(fresh(x), trained(x))
+
+
+def test_state_dict_of_other_spec_is_rejected() -> None:
+    pytest.importorskip("qatcore_conv")
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    eight_bit = qatcore.QConfig(
+        weight=qatcore.QuantSpec(axis=qatcore.OUTPUT_CHANNELS),
+        activation=qatcore.QuantSpec(bits=8, signed=False, symmetric=False),
+    )
+    four_bit = qatcore.QConfig(
+        weight=qatcore.QuantSpec(axis=qatcore.OUTPUT_CHANNELS),
+        activation=qatcore.QuantSpec(bits=4, signed=False, symmetric=False),
+    )
+    saved = qatcore.swap_modules(model, eight_bit).state_dict()
+
+    with pytest.raises(RuntimeError) as error:
+        qatcore.swap_modules(model, four_bit).load_state_dict(saved)
+
+    message = str(error.value)
+    assert (
+        "0.output_fake_quant: its saved qparams were trained for affine codes [0, 255]" in message
+    )
+    assert "this fake quantizer uses affine codes [0, 15] per tensor" in message
+    assert "0.weight_fake_quant" not in message
+
+
+def test_state_dict_records_each_quantizer_scheme() -> None:
+    pytest.importorskip("qatcore_conv")
+    qconfig = qatcore.QConfig(
+        weight=qatcore.QuantSpec(axis=qatcore.OUTPUT_CHANNELS, narrow_range=True),
+        activation=qatcore.QuantSpec(bits=8, signed=False, symmetric=False),
+    )
+
+    state = qatcore.swap_modules(nn.Sequential(nn.Conv2d(1, 2, 3)), qconfig).state_dict()
+
+    assert state["0.weight_fake_quant._extra_state"].tolist() == [-127, 127, 1, 0]
+    assert state["0.output_fake_quant._extra_state"].tolist() == [0, 255, 0, -1]
+    assert state["0.input_fake_quant._extra_state"].tolist() == [0, 255, 0, -1]
+
+
+def test_state_dict_without_schemes_still_loads() -> None:
+    pytest.importorskip("qatcore_conv")
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    qconfig = qatcore.QConfig(
+        weight=qatcore.QuantSpec(axis=qatcore.OUTPUT_CHANNELS),
+        activation=qatcore.QuantSpec(bits=8, signed=False, symmetric=False),
+    )
+    trained = qatcore.swap_modules(model, qconfig)
+    trained(torch.rand(2, 1, 5, 5))
+    older = {key: value for key, value in trained.state_dict().items() if "_extra_state" not in key}
+    fresh = qatcore.swap_modules(model, qconfig)
+
+    result = fresh.load_state_dict(older, strict=True)
+
+    assert result.missing_keys == []
+    assert torch.equal(fresh[0].output_fake_quant.scale, trained[0].output_fake_quant.scale)
