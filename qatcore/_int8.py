@@ -285,6 +285,13 @@ class TorchEngineConverter:
     def __repr__(self) -> str:
         return f"TorchEngineConverter(engine={self.engine!r}, backend={self.backend!r})"
 
+    @property
+    def _target(self) -> str:
+        """The backend and engine, as messages name them: ``"the arm backend (qnnpack engine)"``."""
+        if self.backend == self.engine:
+            return f"the {self.engine} engine"
+        return f"the {self.backend} backend ({self.engine} engine)"
+
     def __call__(self, model: nn.Module) -> nn.Module:
         """Return the int8 model and select this engine for the process.
 
@@ -323,13 +330,25 @@ class TorchEngineConverter:
                 f"padding_mode={padding_mode!r} has no int8 conv; use 'zeros' or 'reflect', or "
                 "keep the layer float"
             )
+        if hasattr(layer.layer, "padding") and _padding(layer.layer) is None:
+            return (
+                f"padding={layer.layer.padding!r} pads one side more than the other here "
+                "(an even kernel extent), which the int8 conv cannot; give the conv an explicit "
+                "padding, or keep the layer float"
+            )
         for role in ("input", "output"):
             params: QuantParams = getattr(layer, role)
-            if params.quant_min < 0 or params.quant_max > 255:
+            if params.quant_min < 0:
+                return (
+                    f"its {role} codes span [{params.quant_min}, {params.quant_max}], but the "
+                    "engine takes activations as unsigned uint8 codes in [0, 255]; train with "
+                    f"an unsigned activation spec such as the {self.backend!r} preset's"
+                )
+            if params.quant_max > 255:
                 return (
                     f"its {role} codes span [{params.quant_min}, {params.quant_max}], but the "
                     "engine takes activations as uint8 codes in [0, 255]; train with an "
-                    f"unsigned activation spec such as the {self.backend!r} preset's"
+                    "activation spec of at most 8 bits"
                 )
         if layer.weight.quant_min < -128 or layer.weight.quant_max > 127:
             return (
@@ -343,7 +362,7 @@ class TorchEngineConverter:
         where = f"{layer.name or '<root>'} ({type(layer.module).__name__})"
         problem = self._problem(layer, where)
         if problem:
-            raise DeployError(f"{where}: cannot convert for the {self.backend} engine: {problem}")
+            raise DeployError(f"{where}: cannot convert for {self._target}: {problem}")
         float_layer = layer.layer
         if isinstance(float_layer, _TRANSPOSED):
             return self._build_transposed(layer, where)
@@ -394,7 +413,7 @@ class TorchEngineConverter:
                 quantized = _transposed_by_channel(layer, quantized_type)
             else:
                 raise DeployError(
-                    f"{where}: cannot convert for the {self.backend} backend: the "
+                    f"{where}: cannot convert for {self._target}: the "
                     f"{self.engine} engine of PyTorch {torch.__version__} computes "
                     f"{type(float_layer).__name__} wrongly, even one output channel at a "
                     "time. Its int8 codes differ from float math by more than one step. Keep "
@@ -414,10 +433,10 @@ class TorchEngineConverter:
         if pair_sum <= _INT16_MAX or not _saturates_pair_sums(self.engine, quantized_type):
             return
         raise DeployError(
-            f"{where}: cannot convert for the {self.backend} backend ({self.engine} engine): "
-            f"its input codes reach {layer.input.quant_max} and its weight codes "
-            f"{weight_code} in magnitude, so a pair of products sums to {pair_sum}, but on "
-            f"this CPU the {self.engine} engine adds such pairs in int16, which saturates "
+            f"{where}: cannot convert for {self._target}: its input codes reach "
+            f"{layer.input.quant_max} and its weight codes {weight_code} in magnitude, so a "
+            f"pair of products sums to {pair_sum}, but on this CPU the {self.engine} engine "
+            "adds such pairs in int16, which saturates "
             f"above {_INT16_MAX} (the CPU lacks VNNI instructions); train with 7-bit weights "
             "(QuantSpec(bits=7, narrow_range=True)), as the x86 preset does, or convert on "
             "a CPU with VNNI"
@@ -479,7 +498,7 @@ def _empty_quantized(quantized_type: type[nn.Module], float_layer: nn.Module) ->
         return quantized_type(float_layer.in_features, float_layer.out_features)
     options = {
         "stride": float_layer.stride,
-        "padding": float_layer.padding,
+        "padding": _padding(float_layer),
         "dilation": float_layer.dilation,
         "groups": float_layer.groups,
         "bias": float_layer.bias is not None,
@@ -490,6 +509,27 @@ def _empty_quantized(quantized_type: type[nn.Module], float_layer: nn.Module) ->
     return quantized_type(
         float_layer.in_channels, float_layer.out_channels, float_layer.kernel_size, **options
     )
+
+
+def _padding(float_layer: nn.Module) -> tuple[int, ...] | None:
+    """Return a conv's padding as numbers, or None where ``"same"`` pads its sides unequally.
+
+    The int8 convs take numbers only. ``padding="same"`` pads ``dilation *
+    (kernel_size - 1)`` in all along each axis, half on each side when that
+    extent is even; an odd one puts the extra element on the right.
+    """
+    padding = float_layer.padding
+    if padding == "valid":
+        return (0,) * len(float_layer.kernel_size)
+    if padding != "same":
+        return tuple(padding)
+    extents = [
+        dilation * (kernel - 1)
+        for dilation, kernel in zip(float_layer.dilation, float_layer.kernel_size)
+    ]
+    if any(extent % 2 for extent in extents):
+        return None
+    return tuple(extent // 2 for extent in extents)
 
 
 def _set_output(quantized: nn.Module, output: QuantParams) -> None:

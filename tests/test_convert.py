@@ -26,6 +26,8 @@ pytest.importorskip("qatcore_arm")
 
 # Backend name -> the PyTorch quantized engine its converter uses.
 ENGINES = {"x86": "x86", "arm": "qnnpack"}
+# Backend name -> how conversion errors name the backend and its engine.
+TARGETS = {"x86": "the x86 engine", "arm": "the arm backend (qnnpack engine)"}
 BACKENDS = [
     pytest.param(
         backend,
@@ -273,7 +275,7 @@ def test_circular_padding_is_rejected(backend: str) -> None:
         qatcore.convert(qat, backend)
 
     message = str(raised.value)
-    assert message.startswith(f"0 (Conv2d): cannot convert for the {backend} engine")
+    assert message.startswith(f"0 (Conv2d): cannot convert for {TARGETS[backend]}")
     assert "padding_mode='circular'" in message
     assert "use 'zeros' or 'reflect'" in message
 
@@ -288,7 +290,7 @@ def test_signed_activations_are_rejected(backend: str) -> None:
         qatcore.convert(qat, backend)
 
     message = str(raised.value)
-    assert message.startswith(f"0 (Conv2d): cannot convert for the {backend} engine")
+    assert message.startswith(f"0 (Conv2d): cannot convert for {TARGETS[backend]}")
     spec = signed.activation
     assert f"codes span [{spec.quant_min}, {spec.quant_max}]" in message
     assert f"unsigned activation spec such as the {backend!r} preset's" in message
@@ -470,3 +472,46 @@ def test_hook_inside_qat_module_is_rejected(backend: str) -> None:
 
     assert "0 (Conv2d): its submodule output_fake_quant" in str(error.value)
     assert "remove the hook" in str(error.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_converts(backend: str, padding: str) -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=padding, dilation=2), nn.Conv2d(4, 2, 1))
+    qat = _train(qatcore.swap_modules(model, qatcore.get_qconfig(backend)), (4, 2, 9, 9))
+    qat.eval()
+
+    int8 = qatcore.convert(qat, backend)
+
+    x = torch.randn(4, 2, 9, 9)
+    assert int8(x).shape == qat(x).shape
+    assert _max_steps(qat, int8, x, float(qat[1].output_fake_quant.scale)) <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uneven_same_padding_is_rejected(backend: str) -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.Conv2d(3, 2, 1))
+    qat = _train(qatcore.swap_modules(model, qatcore.get_qconfig(backend)), (2, 2, 4, 4)).eval()
+
+    with pytest.raises(qatcore.DeployError) as raised:
+        qatcore.convert(qat, backend)
+
+    message = str(raised.value)
+    assert message.startswith(f"0 (Conv2d): cannot convert for {TARGETS[backend]}")
+    assert "padding='same' pads one side more than the other" in message
+    assert "explicit padding" in message
+
+
+def test_activation_wider_than_8_bits_is_rejected() -> None:
+    spec = qatcore.QuantSpec(bits=9, signed=False, symmetric=False)
+    qconfig = attrs.evolve(qatcore.get_qconfig("x86"), activation=spec)
+    qat = _qat_conv("x86", qconfig)
+
+    with pytest.raises(qatcore.DeployError) as raised:
+        qatcore.convert(qat, "x86")
+
+    message = str(raised.value)
+    assert "codes span [0, 511]" in message
+    assert "at most 8 bits" in message
+    assert "unsigned activation spec" not in message
