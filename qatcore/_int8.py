@@ -13,6 +13,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import torch
@@ -225,6 +226,17 @@ class Int8Layer(nn.Module):
                 (self.output.quant_max - zero_point) * scale,
             )
         return result.to(x.dtype)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch 2.13's quantized conv modules restore their own attributes on
+        # unpickling but not nn.Module's hook dicts, so calling one after
+        # torch.load or copy.deepcopy raises AttributeError '_backward_hooks'.
+        template = nn.Module().__dict__
+        for module in self.modules():
+            for name, value in template.items():
+                if name not in module.__dict__ and isinstance(value, (dict, set)):
+                    module.__dict__[name] = type(value)()
 
     def extra_repr(self) -> str:
         return (

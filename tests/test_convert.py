@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -515,3 +516,25 @@ def test_activation_wider_than_8_bits_is_rejected() -> None:
     assert "codes span [0, 511]" in message
     assert "at most 8 bits" in message
     assert "unsigned activation spec" not in message
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("copier", ["torch.save", "deepcopy"])
+def test_converted_model_runs_after_copy(backend: str, copier: str) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2, stride=2), nn.Conv2d(2, 2, 1)
+    )
+    qat = _train(qatcore.swap_modules(model, qatcore.get_qconfig(backend)), (2, 2, 6, 6)).eval()
+    int8 = qatcore.convert(qat, backend)
+
+    if copier == "deepcopy":
+        copied = copy.deepcopy(int8)
+    else:
+        buffer = io.BytesIO()
+        torch.save(int8, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(copied(x), int8(x))
