@@ -541,7 +541,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--output",
         type=_folder_path,
         metavar="DIR",
-        help=f"save the QAT state_dict as DIR/{_demo.STATE_DICT_NAME}, creating DIR",
+        help=f"save the QAT state_dict as DIR/{_demo.STATE_DICT_NAME} and the ONNX export "
+        f"as DIR/{_demo.ONNX_NAME}, creating DIR",
     )
     demo.add_argument(
         "--samples",
