@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import warnings
 from collections.abc import Iterator
 from os import PathLike
 from pathlib import Path
@@ -18,16 +17,21 @@ import torch
 from torch import nn
 
 import qatcore
-from qatcore import DeployError, QATModule, QuantizedLayer, qualified_name
+from qatcore import DeployError, QATModule, qualified_name
+from qatcore_onnx._checks import (
+    MAX_OPSET,
+    check_float32,
+    check_opset,
+    check_path,
+    check_runs,
+    first_line,
+)
 from qatcore_onnx._graph import store_weight_codes
-from qatcore_onnx._qdq import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QDQLayer
+from qatcore_onnx._qdq import QDQLayer
+from qatcore_onnx._quiet import quiet_export
 from qatcore_onnx._runtime import run_onnx
 
 __all__ = ["MAX_OPSET", "OnnxReport", "export_onnx"]
-
-# The highest opset that torch.onnx.export writes with dynamo=False
-# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13).
-MAX_OPSET = 20
 
 _OnnxErrors = (torch.onnx.errors.OnnxExporterError, RuntimeError)
 
@@ -59,6 +63,12 @@ class OnnxReport:
             the output quantizer, rounded to 1e-4 steps, over the outputs
             that are a QAT layer's quantized output; ``None`` when no output
             is, or without a check.
+        nan_outputs: How many output values are NaN in the QAT model, as
+            after a NaN in the example inputs. ONNX Runtime's int8 ops have
+            no NaN code and return finite values there, so these positions
+            are left out of ``max_abs_diff`` and ``max_diff_steps``.
+        outputs: ONNX Runtime's outputs on the example inputs, empty
+            without a check.
     """
 
     path: Path
@@ -66,6 +76,7 @@ class OnnxReport:
     weights: int
     max_abs_diff: float | None = None
     max_diff_steps: float | None = None
+    nan_outputs: int = 0
     outputs: tuple[torch.Tensor, ...] = attrs.field(default=(), eq=False, repr=False)
 
     def __str__(self) -> str:
@@ -77,6 +88,11 @@ class OnnxReport:
         if self.max_diff_steps is not None:
             difference += f" ({self.max_diff_steps:.3g} output quantization steps)"
         lines.append(difference)
+        if self.nan_outputs:
+            lines.append(
+                f"{self.nan_outputs} output values are NaN in the QAT model and left out of the "
+                "difference: ONNX Runtime's int8 ops have no NaN code and return finite values"
+            )
         return "\n".join(lines)
 
 
@@ -94,18 +110,22 @@ def export_onnx(
     """Export the trained QAT ``model`` to ``path`` as ONNX with QuantizeLinear/DequantizeLinear.
 
     Every QAT layer becomes its float op (BatchNorm folded) between Q/DQ
-    pairs: one per tensor on an input that no other layer's output
-    quantizer quantized, a DequantizeLinear on the weight stored as 8-bit
-    codes (per channel along the weight's axis), and one after the fused
-    activation on the output. Float ops between layers stay float. The
-    scales and zero points are the fake quantizers'. An activation range
-    narrower than its 8-bit type (narrow_range, fewer bits) gets a Clip
-    after its DequantizeLinear, which reproduces QAT's clamp exactly.
+    pairs: one per tensor on the input, a DequantizeLinear on the weight
+    stored as 8-bit codes (per channel along the weight's axis), and one
+    after the fused activation on the output. An input that another
+    layer's output quantizer quantized gets that quantizer's scale and zero
+    point again, which leaves its values unchanged and lets ONNX Runtime
+    fuse the layer into an int8 op across a Flatten or MaxPool. Float ops
+    between layers stay float. The scales and zero points are the fake
+    quantizers'. An activation range narrower than its 8-bit type
+    (narrow_range, fewer bits) gets a Clip after its DequantizeLinear,
+    which reproduces QAT's clamp exactly.
 
-    The file is verified with ``onnx.checker.check_model(full_check=True)``.
-    With ``check`` it is also run in ONNX Runtime (CPU, all graph
-    optimizations) on ``example_inputs`` and compared with ``model`` in eval
-    mode. ``model`` is left unchanged, training mode included.
+    ``model`` is first run in eval mode on ``example_inputs``. The file is
+    verified with ``onnx.checker.check_model(full_check=True)``. With
+    ``check`` it is also run in ONNX Runtime (CPU, all graph optimizations)
+    on ``example_inputs`` and compared with ``model`` in eval mode.
+    ``model`` is left unchanged, training mode included.
 
     Args:
         model: The trained QAT model.
@@ -120,20 +140,26 @@ def export_onnx(
 
     Raises:
         DeployError: The opset is outside 10 to 20, or too old for the Q/DQ
-            a layer needs; a layer computes an op or uses a quant range the
-            export cannot write; torch, the ONNX checker or ONNX Runtime
-            rejects the graph. The message names the module when it can be
-            found.
+            a layer needs. The model has float64 parameters, or raises on
+            ``example_inputs``. A layer computes an op or uses a quant range
+            the export cannot write. Or torch, the ONNX checker or ONNX
+            Runtime rejects the graph. The message names the module when it
+            can be found.
+        FileNotFoundError: The folder of ``path`` does not exist.
+        IsADirectoryError: ``path`` is a directory.
     """
+    path = Path(path)
+    check_path(path)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     inputs = tuple(inputs)
     if input_names is None:
         input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
     layers = qatcore.quantized_layers(model)
-    _check_opset(opset, layers)
-    path = Path(path)
+    check_opset(opset, layers)
+    check_float32(model)
 
     with _restored_modes(model):
+        check_runs(model, inputs)
         export_model = qatcore.replace_layers(model, QDQLayer)
         codes_by_name = {
             f"{name}.weight" if name else "weight": module.weight_codes
@@ -155,48 +181,21 @@ def export_onnx(
         except onnx.checker.ValidationError as error:
             raise DeployError(
                 f"qatcore_onnx.export_onnx: the ONNX checker rejects the graph exported from "
-                f"{type(model).__name__} at opset {opset}: {_first_line(error)}"
+                f"{type(model).__name__} at opset {opset}: {first_line(error)}"
             ) from None
         onnx.save(proto, path)
         if not check:
             return OnnxReport(path=path, opset=opset, weights=weights)
-        max_abs_diff, max_diff_steps, outputs = _compare(model, path, inputs)
+        comparison = _compare(model, path, inputs)
     return OnnxReport(
         path=path,
         opset=opset,
         weights=weights,
-        max_abs_diff=max_abs_diff,
-        max_diff_steps=max_diff_steps,
-        outputs=outputs,
+        max_abs_diff=comparison.max_abs_diff,
+        max_diff_steps=comparison.max_diff_steps,
+        nan_outputs=comparison.nan_outputs,
+        outputs=comparison.outputs,
     )
-
-
-def _check_opset(opset: int, layers: list[QuantizedLayer]) -> None:
-    if isinstance(opset, bool) or not isinstance(opset, int):
-        raise DeployError(f"qatcore_onnx.export_onnx: opset must be an int, got {opset!r}")
-    if opset > MAX_OPSET:
-        raise DeployError(
-            f"qatcore_onnx.export_onnx: opset {opset} is above {MAX_OPSET}, the highest that "
-            "torch.onnx.export writes with the TorchScript exporter; "
-            f"use opset={MAX_OPSET} or lower"
-        )
-    first = layers[0]
-    if opset < QDQ_MIN_OPSET:
-        raise DeployError(
-            f"{qualified_name(first.name, first.module)}: its quantized tensors need "
-            f"QuantizeLinear and DequantizeLinear, which ONNX has since opset {QDQ_MIN_OPSET}, "
-            f"but opset {opset} was requested; export with opset={QDQ_MIN_OPSET} or higher "
-            f"(opset={PER_CHANNEL_MIN_OPSET} or higher for per-channel weights)"
-        )
-    for layer in layers:
-        if opset < PER_CHANNEL_MIN_OPSET and layer.weight.axis is not None:
-            raise DeployError(
-                f"{qualified_name(layer.name, layer.module)}: its weight has one scale per "
-                f"channel (axis {layer.weight.axis}), and DequantizeLinear takes an axis since "
-                f"opset {PER_CHANNEL_MIN_OPSET}, but opset {opset} was requested; export with "
-                f"opset={PER_CHANNEL_MIN_OPSET} or higher, or train with a per-tensor weight spec "
-                "(QuantSpec(axis=None))"
-            )
 
 
 @contextlib.contextmanager
@@ -210,30 +209,11 @@ def _restored_modes(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    # torch 2.13 warns on every call that the TorchScript exporter is legacy
-    # and that its ONNX logging setup will be removed. The tracer warns about
-    # Python values it records as constants, such as the scales. All three are
-    # about this exporter's own calls.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="You are using the legacy TorchScript-based ONNX export"
-        )
-        warnings.filterwarnings(
-            "ignore",
-            category=DeprecationWarning,
-            module=r"torch\.onnx\._internal\.torchscript_exporter",
-        )
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
-
-
 def _export_to_bytes(
     module: nn.Module, inputs: tuple[Any, ...], opset: int, **options: Any
 ) -> bytes:
     buffer = io.BytesIO()
-    with _quiet_export(), torch.no_grad():
+    with quiet_export(), torch.no_grad():
         torch.onnx.export(module, inputs, buffer, opset_version=opset, dynamo=False, **options)
     return buffer.getvalue()
 
@@ -245,15 +225,13 @@ def _torch_export(
     opset: int,
     **options: Any,
 ) -> onnx.ModelProto:
-    # NOTE: when it fails, torch 2.13's TorchScript exporter prints its IR
-    # graph to stderr, because setup_onnx_logging leaves ONNX logging on.
     try:
         data = _export_to_bytes(export_model, inputs, opset, **options)
     except _OnnxErrors as error:
         culprit = _failing_module(model, export_model, inputs, opset)
         raise DeployError(
             f"{culprit}: torch.onnx.export cannot write it at opset {opset}: "
-            f"{_first_line(error)}; keep that part out of the exported model, or use another "
+            f"{first_line(error)}; keep that part out of the exported model, or use another "
             "opset if the op needs one"
         ) from error
     return onnx.load_from_string(data)
@@ -276,8 +254,8 @@ def _failing_module(
     try:
         with torch.no_grad():
             export_model(*inputs)
-    except Exception:  # the model may fail anywhere; then nothing is named
-        return f"{type(model).__name__} (module not found)"
+    except Exception:  # the export form may fail anywhere; then nothing is named
+        return f"{type(model).__name__} (module not found: its export form raises)"
     finally:
         for handle in handles:
             handle.remove()
@@ -295,11 +273,6 @@ def _failing_module(
         return f"{type(model).__name__} (in its forward, outside any submodule)"
     name = innermost[0]
     return qualified_name(name, model.get_submodule(name))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _flatten(value: Any) -> list[torch.Tensor]:
@@ -350,9 +323,15 @@ def _qat_outputs(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[list[torch.
     return outputs, scales
 
 
-def _compare(
-    model: nn.Module, path: Path, inputs: tuple[Any, ...]
-) -> tuple[float, float | None, tuple[torch.Tensor, ...]]:
+@attrs.frozen
+class _Comparison:
+    max_abs_diff: float
+    max_diff_steps: float | None
+    nan_outputs: int
+    outputs: tuple[torch.Tensor, ...]
+
+
+def _compare(model: nn.Module, path: Path, inputs: tuple[Any, ...]) -> _Comparison:
     expected, scales = _qat_outputs(model, inputs)
     tensors = [tensor for tensor in _flatten(inputs)]
     try:
@@ -360,15 +339,22 @@ def _compare(
     except _ORT_ERRORS as error:
         raise DeployError(
             f"qatcore_onnx.export_onnx: ONNX Runtime {onnxruntime.__version__} cannot run "
-            f"{path}: {_first_line(error)}; export with check=False to write the file without "
+            f"{path}: {first_line(error)}; export with check=False to write the file without "
             "running it"
         ) from None
     actual_list = [actual] if isinstance(actual, torch.Tensor) else list(actual)
 
     max_abs_diff = 0.0
     max_diff_steps: float | None = None
+    nan_outputs = 0
     for want, got, scale in zip(expected, actual_list, scales):
-        difference = (got.to(want.dtype) - want.detach().cpu()).abs()
+        want = want.detach().cpu()
+        # A NaN input makes the QAT model's output NaN, but quantized
+        # tensors have no NaN code, so ONNX Runtime returns finite values
+        # there. Those positions are counted, not measured.
+        nan = torch.isnan(want)
+        nan_outputs += int(nan.sum())
+        difference = (got.to(want.dtype) - want).abs()[~nan]
         diff = float(difference.max()) if difference.numel() else 0.0
         if math.isnan(diff):
             diff = math.inf
@@ -378,4 +364,4 @@ def _compare(
             # value (about 1e-7 relative), so whole steps are kept whole.
             steps = round(diff / float(scale), 4)
             max_diff_steps = steps if max_diff_steps is None else max(max_diff_steps, steps)
-    return max_abs_diff, max_diff_steps, tuple(actual_list)
+    return _Comparison(max_abs_diff, max_diff_steps, nan_outputs, tuple(actual_list))

@@ -80,14 +80,11 @@ class QDQLayer(nn.Module):
                 "float by mapping its type to None in the qconfig"
             )
         self.name = layer.name
-        self.input_params = layer.input if layer.input_from is None else None
+        self.input_params = layer.input
+        self.input_from = layer.input_from
         self.weight_params = layer.weight
         self.output_params = layer.output
-        self.input_range = (
-            None
-            if self.input_params is None
-            else onnx_code_range(self.input_params, "input", where)
-        )
+        self.input_range = onnx_code_range(layer.input, "input", where)
         self.weight_range = onnx_code_range(layer.weight, "weight", where)
         self.output_range = onnx_code_range(layer.output, "output", where)
 
@@ -114,13 +111,27 @@ class QDQLayer(nn.Module):
         return self._float_layer[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_params is not None and self.input_range is not None:
+        # ONNX Runtime 1.32 fuses a linear layer into int8 QGemm only when
+        # its input is a matrix, and runs the MatMul and Add that
+        # torch.onnx.export writes for other ranks in float. The input
+        # quantizer is per tensor and the activation elementwise, so the
+        # leading axes can be flattened first and restored at the end.
+        leading = None
+        if isinstance(self.float_layer, nn.Linear) and x.dim() != 2:
+            leading = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1])
+        if self.input_from is None:
             x = _fake_quantize_activation(x, self.input_params, self.input_range)
+        else:
+            x = _requantize(x, self.input_params, self.input_range)
         weight = _fake_quantize_weight(self.weight, self.weight_params, self.weight_range)
         output = self._layer_forward(x, weight)
         if self.activation is not None:
             output = self.activation(output)
-        return _fake_quantize_activation(output, self.output_params, self.output_range)
+        output = _fake_quantize_activation(output, self.output_params, self.output_range)
+        if leading is not None:
+            output = output.reshape(*leading, output.shape[-1])
+        return output
 
     def _layer_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.float_layer
@@ -188,6 +199,21 @@ def _fake_quantize_activation(
         return output
     low, high = _clip_bounds(params)
     return torch.clamp(output, low, high)
+
+
+def _requantize(x: torch.Tensor, params: QuantParams, code_range: tuple[int, int]) -> torch.Tensor:
+    """Quantize ``x``, already on ``params``' grid, again right before the layer's op.
+
+    The values pass unchanged, because each is a dequantized code of the
+    producing layer's output, and so is already clipped to its range. The
+    pair is for ONNX Runtime: its int8 fusions need a DequantizeLinear
+    directly on the op's input, so a Flatten or MaxPool between the
+    producer's pair and a Gemm or Conv would keep that layer in float.
+    ONNX Runtime merges the two pairs when nothing lies between them.
+    """
+    return torch.fake_quantize_per_tensor_affine(
+        x, float(params.scale), int(params.zero_point), *code_range
+    )
 
 
 def _clip_bounds(params: QuantParams) -> tuple[float, float]:

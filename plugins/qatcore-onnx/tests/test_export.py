@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
@@ -454,3 +456,217 @@ def test_export_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]
     captured = capfd.readouterr()
     assert captured.out == ""
     assert captured.err == ""
+
+
+def _ort_optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    """Return the op types of the graph that ONNX Runtime runs, at run_onnx's ORT_ENABLE_ALL."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "ort-optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul"}
+
+
+class SmallCnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(8 * 2 * 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+# id -> (float model factory, input shape, the int8 op ONNX Runtime runs it as)
+INT8_CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU()), (2, 3, 8), "QLinearConv"),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 3, 2)), (2, 2, 4, 4, 4), "QLinearConv"),
+    "grouped-conv2d": (
+        lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)),
+        (2, 4, 6, 6),
+        "QLinearConv",
+    ),
+    "linear": (lambda: nn.Sequential(nn.Linear(5, 4)), (3, 5), "QGemm"),
+    "linear-3d-input": (lambda: nn.Sequential(nn.Linear(5, 4), nn.ReLU()), (2, 3, 5), "QGemm"),
+    "linear-no-bias": (lambda: nn.Sequential(nn.Linear(5, 4, bias=False)), (3, 5), "QLinearMatMul"),
+}
+
+
+@pytest.mark.parametrize("preset", ["x86", "arm"])
+def test_ort_runs_cnn_in_int8(preset: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    qat = train_qat(SmallCnn(), (4, 3, 8, 8), preset)
+    x = torch.randn(4, 3, 8, 8)
+
+    report = export_onnx(qat, tmp_path / "model.onnx", (x,))
+
+    ops = _ort_optimized_ops(report.path, tmp_path)
+    assert ops.count("QLinearConv") == 2
+    assert ops.count("QGemm") == 1
+    assert FLOAT_COMPUTE_OPS.isdisjoint(ops), ops
+    assert report.max_diff_steps is not None
+    assert report.max_diff_steps <= 1.0
+    assert_within_one_step(qat, report.path, x)
+
+
+@pytest.mark.parametrize("preset", ["x86", "arm"])
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_ort_runs_layer_in_int8(case: str, preset: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    factory, shape, int8_op = INT8_CASES[case]
+    qat = train_qat(factory(), shape, preset)
+    x = torch.randn(*shape) * 3
+
+    report = export_onnx(qat, tmp_path / "model.onnx", (x,))
+
+    ops = _ort_optimized_ops(report.path, tmp_path)
+    assert ops.count(int8_op) == 1
+    assert FLOAT_COMPUTE_OPS.isdisjoint(ops), ops
+    assert report.max_diff_steps is not None
+    assert report.max_diff_steps <= 1.0
+    assert_within_one_step(qat, report.path, x)
+
+
+def test_narrow_range_layer_runs_float_in_ort(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    qconfig = qatcore.QConfig(
+        weight=qatcore.QuantSpec(bits=4, axis=qatcore.OUTPUT_CHANNELS, narrow_range=True),
+        activation=qatcore.QuantSpec(bits=4, signed=False, symmetric=False),
+    )
+    qat = qatcore.swap_modules(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), qconfig)
+    for _ in range(3):
+        qat(torch.randn(2, 3, 6, 6))
+    qat.eval()
+
+    report = export_onnx(qat, tmp_path / "model.onnx", (torch.randn(2, 3, 6, 6) * 50,))
+
+    ops = _ort_optimized_ops(report.path, tmp_path)
+    assert "QLinearConv" not in ops
+    assert ops.count("Conv") == 1
+    assert ops.count("Clip") == 2
+    assert report.max_diff_steps == 0.0
+
+
+def test_linear_3d_input_keeps_dynamic_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    qat = train_qat(nn.Sequential(nn.Linear(5, 4), nn.ReLU()), (2, 3, 5))
+
+    report = export_onnx(
+        qat,
+        tmp_path / "model.onnx",
+        (torch.randn(2, 3, 5),),
+        dynamic_axes={"input": {0: "batch", 1: "sequence"}},
+    )
+
+    assert_within_one_step(qat, report.path, torch.randn(6, 7, 5) * 3)
+
+
+def test_float64_model_is_rejected(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    factory, shape = CASES["conv-relu2d"]
+    qat = train_qat(factory(), shape).double()
+
+    with pytest.raises(qatcore.DeployError, match=r"float64.*model\.float\(\)") as caught:
+        export_onnx(qat, tmp_path / "model.onnx", (torch.randn(*shape, dtype=torch.float64),))
+
+    assert "module not found" not in str(caught.value)
+    assert "opset" not in str(caught.value)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("x", "model_error"),
+    [
+        pytest.param(torch.randn(3, 7), "cannot be multiplied", id="wrong-shape"),
+        pytest.param(torch.ones(3, 5, dtype=torch.int64), "Long", id="integer-dtype"),
+    ],
+)
+def test_inputs_the_model_rejects(x: torch.Tensor, model_error: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    factory, shape = CASES["linear-relu"]
+    qat = train_qat(factory(), shape)
+
+    with pytest.raises(qatcore.DeployError, match="raises on the example inputs") as caught:
+        export_onnx(qat, tmp_path / "model.onnx", (x,))
+
+    message = str(caught.value)
+    assert model_error in message
+    assert f"shape {tuple(x.shape)}" in message
+    assert "module not found" not in message
+    assert "opset" not in message
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def _fail_if_exported(*args: object, **kwargs: object) -> None:
+    raise AssertionError("torch.onnx.export ran before the output path was checked")
+
+
+def test_missing_output_folder_fails_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    factory, shape = CASES["linear"]
+    qat = train_qat(factory(), shape)
+    monkeypatch.setattr(torch.onnx, "export", _fail_if_exported)
+    path = tmp_path / "missing" / "model.onnx"
+
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first") as caught:
+        export_onnx(qat, path, (torch.randn(*shape),))
+
+    assert str(tmp_path / "missing") in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_directory_output_path_fails_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    factory, shape = CASES["linear"]
+    qat = train_qat(factory(), shape)
+    monkeypatch.setattr(torch.onnx, "export", _fail_if_exported)
+
+    with pytest.raises(IsADirectoryError, match="is a directory; pass a file path") as caught:
+        export_onnx(qat, tmp_path, (torch.randn(*shape),))
+
+    assert str(tmp_path) in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_export_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    qat = train_qat(nn.Sequential(nn.Linear(5, 4), Airy(), nn.Linear(4, 2)), (3, 5))
+    capfd.readouterr()
+
+    with pytest.raises(qatcore.DeployError, match="special_airy_ai"):
+        export_onnx(qat, tmp_path / "model.onnx", (torch.randn(3, 5),))
+
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert captured.err == ""
+
+
+def test_nan_outputs_are_counted_not_measured(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    factory, shape = CASES["linear"]
+    qat = train_qat(factory(), shape)
+    x = torch.randn(*shape)
+    x[1, 2] = float("nan")
+
+    report = export_onnx(qat, tmp_path / "model.onnx", (x,))
+
+    assert report.nan_outputs == 4  # the whole row of the NaN sample
+    assert report.max_abs_diff is not None
+    assert math.isfinite(report.max_abs_diff)
+    assert report.max_diff_steps is not None
+    assert report.max_diff_steps <= 1.0
+    text = str(report)
+    assert "inf" not in text
+    assert "4 output values are NaN in the QAT model" in text
+    assert torch.isfinite(report.outputs[0]).all()
