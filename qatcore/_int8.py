@@ -211,6 +211,9 @@ class Int8Layer(nn.Module):
                 f"{torch.backends.quantized.engine!r}; set torch.backends.quantized.engine = "
                 f"{self.engine!r} before running the model"
             )
+        # NOTE: a layer fed by another int8 layer's codes dequantizes and
+        # quantizes them again between the two; passing the quantized tensor
+        # on would save both passes.
         output = self.quantized(_quantize(x, self.input, torch.quint8))
         if self.relu_after:
             output = torch.relu(output)
