@@ -285,7 +285,22 @@ def _run_export(args: argparse.Namespace) -> int:
     except RuntimeError as error:  # tensors of the wrong shape
         details = [line.strip() for line in str(error).splitlines()[1:4]]
         raise CommandError(f"{mismatch} ({'; '.join(details)}); {fix}") from None
-    if problems.missing_keys or problems.unexpected_keys:
+    missing, unexpected = problems.missing_keys, problems.unexpected_keys
+    if missing and all(key.endswith("._extra_state") for key in missing) and not unexpected:
+        raise CommandError(
+            f"{args.state_dict} does not record the codes its qparams were trained for (such "
+            "as a state_dict saved before qatcore recorded them), so the export cannot check "
+            f"that they are the {args.qconfig} preset's; load it into the model swapped with "
+            "the preset it was trained with, using load_state_dict(state, strict=False), and "
+            "save that model's state_dict again"
+        )
+    if unexpected and all(key.startswith("module.") for key in unexpected):
+        fix = (
+            "its keys start with 'module.', as DistributedDataParallel saves them; strip "
+            "the prefix with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present("
+            "state, 'module.') and save it again"
+        )
+    if missing or unexpected:
         parts = [
             f"{label}: {', '.join(keys[:5])}{' and more' if len(keys) > 5 else ''}"
             for label, keys in (

@@ -247,24 +247,26 @@ class FakeQuantize(Float32Buffers):
         error_msgs: list[str],
     ) -> None:
         key = f"{prefix}_extra_state"
-        saved = state_dict.get(key)
         expected = self.get_extra_state()
-        if saved is not None and not torch.equal(torch.as_tensor(saved).cpu(), expected):
+        mismatch = key in state_dict and not torch.equal(
+            torch.as_tensor(state_dict[key]).cpu(), expected
+        )
+        if mismatch:
             error_msgs.append(
                 f"{prefix[:-1] or '<root>'}: its saved qparams were trained for "
-                f"{_describe_extra_state(saved)}, but this fake quantizer uses "
+                f"{_describe_extra_state(state_dict[key])}, but this fake quantizer uses "
                 f"{_describe_extra_state(expected)}; load the state_dict into the model "
                 "swapped with the QConfig it was trained with"
             )
             state_dict = {name: value for name, value in state_dict.items() if name != key}
-            saved = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if saved is None and key in missing_keys:
-            # A state_dict saved before the key existed, or one that failed
-            # the check above, which error_msgs already reports.
-            missing_keys.remove(key)
+        # A state_dict without the key, such as one saved before qatcore
+        # recorded the codes, stays among the missing keys: load_state_dict
+        # rejects it unless strict=False, where the caller sees it listed.
+        if mismatch and key in missing_keys:
+            missing_keys.remove(key)  # reported above
 
     def __getstate__(self) -> dict[str, Any]:
         # Kernels are looked up again after unpickling, in the new process's registry.

@@ -267,3 +267,37 @@ def test_export_rejects_state_dict_of_other_preset(
         "weight_fake_quant: its saved qparams were trained for symmetric codes [-63, 63]" in error
     )
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_rejects_state_dict_without_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = trained_state_dict(_demo.build_model(), (8, 1, 8, 8), tmp_path / "qat.pt")
+    older = {
+        key: value
+        for key, value in torch.load(state, weights_only=True).items()
+        if not key.endswith("_extra_state")
+    }
+    torch.save(older, state)
+
+    code = main(["export", "demo", "--state-dict", str(state), "-o", str(tmp_path / "m.onnx")])
+
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "does not record the codes its qparams were trained for" in error
+    assert "strict=False" in error
+
+
+def test_export_names_data_parallel_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = trained_state_dict(_demo.build_model(), (8, 1, 8, 8), tmp_path / "qat.pt")
+    prefixed = {f"module.{key}": value for key, value in torch.load(state).items()}
+    torch.save(prefixed, state)
+
+    code = main(["export", "demo", "--state-dict", str(state), "-o", str(tmp_path / "m.onnx")])
+
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "keys start with 'module.'" in error
+    assert "consume_prefix_in_state_dict_if_present" in error

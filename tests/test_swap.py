@@ -1027,7 +1027,7 @@ def test_state_dict_records_each_quantizer_scheme() -> None:
     assert state["0.input_fake_quant._extra_state"].tolist() == [0, 255, 0, -1]
 
 
-def test_state_dict_without_schemes_still_loads() -> None:
+def test_state_dict_without_schemes_needs_strict_false() -> None:
     pytest.importorskip("qatcore_conv")
     model = nn.Sequential(nn.Conv2d(1, 2, 3))
     qconfig = qatcore.QConfig(
@@ -1039,7 +1039,15 @@ def test_state_dict_without_schemes_still_loads() -> None:
     older = {key: value for key, value in trained.state_dict().items() if "_extra_state" not in key}
     fresh = qatcore.swap_modules(model, qconfig)
 
-    result = fresh.load_state_dict(older, strict=True)
+    with pytest.raises(RuntimeError) as error:
+        fresh.load_state_dict(older, strict=True)
+    result = fresh.load_state_dict(older, strict=False)
 
-    assert result.missing_keys == []
+    assert "Missing key(s)" in str(error.value)
+    assert "0.output_fake_quant._extra_state" in str(error.value)
+    assert sorted(result.missing_keys) == [
+        "0.input_fake_quant._extra_state",
+        "0.output_fake_quant._extra_state",
+        "0.weight_fake_quant._extra_state",
+    ]
     assert torch.equal(fresh[0].output_fake_quant.scale, trained[0].output_fake_quant.scale)
