@@ -128,63 +128,55 @@ _IN_PLACE_OPERATORS = frozenset(
         operator.setitem,
     }
 )
-# Views share their base's storage: writing to one writes to the other.
-_VIEW_METHODS = frozenset(
-    {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze"}
-)
-_VIEW_FUNCTIONS = frozenset(
-    {
-        operator.getitem,
-        torch.flatten,
-        torch.reshape,
-        torch.squeeze,
-        torch.unsqueeze,
-        torch.permute,
-        torch.transpose,
-    }
-)
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, kind, None) for kind in _CALL_HOOKS)
 
 
-def _writes_in_place(node: Any) -> bool:
-    """Return whether ``node`` changes its first argument's values in place."""
+def _written_in_place(node: Any, modules: dict[str, nn.Module]) -> Any:
+    """Return the node whose values ``node`` changes in place, or None."""
     target = node.target
+    if "out" in node.kwargs:
+        return node.kwargs["out"]
+    if not node.args:
+        return None
+    if node.op == "call_module":
+        module = modules[str(target)]
+        writes = getattr(module, "inplace", False) is True and type(module) is not nn.ReLU
+        return node.args[0] if writes else None
     if node.op == "call_method":
-        return (
-            str(target).endswith("_")
-            and not str(target).startswith("_")
-            and (target not in _GRID_IN_PLACE)
-        )
+        name = str(target)
+        writes = name.endswith("_") and not name.startswith("_") and name not in _GRID_IN_PLACE
+        return node.args[0] if writes else None
     if node.op == "call_function":
-        if target in _IN_PLACE_OPERATORS:
-            return True
-        if node.kwargs.get("inplace") and target not in _GRID_IN_PLACE:
-            return True
+        if target in _GRID_IN_PLACE:
+            return None
         name = getattr(target, "__name__", "")
-        return name.endswith("_") and not name.startswith("_") and target not in _GRID_IN_PLACE
-    return False
+        writes = (
+            target in _IN_PLACE_OPERATORS
+            or node.kwargs.get("inplace") is True
+            or (name.endswith("_") and not name.startswith("_"))
+        )
+        return node.args[0] if writes else None
+    return None
 
 
-def _mutated_nodes(graph: Any) -> set[Any]:
-    """Return the nodes whose values an in-place op changes, with the bases of changed views.
+def _mutated_nodes(graph: Any, modules: dict[str, nn.Module]) -> set[Any]:
+    """Return the nodes whose values an in-place op may change.
 
     torch.fx records ``y.mul_(3)`` as a node that nothing uses, and a later
-    call still reads ``y``: so the grid of ``y`` cannot be trusted.
+    call still reads ``y``, so the grid of ``y`` cannot be trusted. A tensor
+    computed from ``y`` by a function or method may be a view of it (a
+    slice, a chunk, ``y.data``), so a write to it counts as a write to ``y``
+    too; the walk stops at module calls and the model's inputs.
     """
     mutated: set[Any] = set()
     for node in graph.nodes:
-        if not _writes_in_place(node) or not node.args:
-            continue
-        target = node.args[0]
+        target = _written_in_place(node, modules)
         while hasattr(target, "op") and target not in mutated:
             mutated.add(target)
-            is_view = (target.op == "call_method" and target.target in _VIEW_METHODS) or (
-                target.op == "call_function" and target.target in _VIEW_FUNCTIONS
-            )
-            if not is_view or not target.args:
+            if target.op not in ("call_method", "call_function") or not target.args:
                 break
             target = target.args[0]
     return mutated
@@ -248,7 +240,7 @@ def input_producers(model: nn.Module) -> dict[str, str | None] | None:
             return None
 
     modules = dict(iter_named_modules(model))
-    mutated = _mutated_nodes(graph)
+    mutated = _mutated_nodes(graph, modules)
     # torch keeps these dicts private; one that a later torch lacks counts as hooked.
     global_hooks = any(getattr(torch.nn.modules.module, kind, True) for kind in _GLOBAL_CALL_HOOKS)
     found: dict[str, set[str | None]] = {}

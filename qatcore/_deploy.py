@@ -211,10 +211,12 @@ def quantized_layers(model: nn.Module) -> list[QuantizedLayer]:
             input_from = producers.get(name)
             if input_from is None:
                 raise DeployError(
-                    f"{where}: its input has no fake quantizer and is not the quantized "
-                    "output of another QAT module, so its int8 codes are unknown; swap the "
-                    "float model with qatcore.swap_modules(model, qconfig), which adds input "
-                    "quantizers unless quantize_inputs=False, and train it again"
+                    f"{where}: its input has no fake quantizer and is not the unchanged "
+                    "quantized output of another QAT module, so its int8 codes are unknown. "
+                    "A forward hook, a forward pre-hook or an in-place change added after "
+                    "the swap changes that input; remove it, or swap the float model again "
+                    "with qatcore.swap_modules(model, qconfig), which adds input quantizers "
+                    "unless quantize_inputs=False, and train it again"
                 )
             producer = model.get_submodule(input_from)
             input_params = QuantParams.of(_quantizer(input_from, producer, "output"))

@@ -228,6 +228,11 @@ class Int8Layer(nn.Module):
                 (self.output.quant_min - zero_point) * scale,
                 (self.output.quant_max - zero_point) * scale,
             )
+        if x.is_contiguous():
+            # The quantized convs return channels_last tensors whatever their
+            # input, where a float conv keeps a contiguous input's layout,
+            # which code such as ``y.view(len(y), -1)`` relies on.
+            result = result.contiguous()
         return result.to(x.dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

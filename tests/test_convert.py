@@ -538,3 +538,17 @@ def test_converted_model_runs_after_copy(backend: str, copier: str) -> None:
     x = torch.randn(2, 2, 6, 6)
     with torch.no_grad():
         assert torch.equal(copied(x), int8(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_conv_output_keeps_layout(backend: str) -> None:
+    qat = _train(
+        qatcore.swap_modules(nn.Sequential(nn.Conv2d(2, 4, 3)), qatcore.get_qconfig(backend)),
+        (2, 2, 6, 6),
+    ).eval()
+    int8 = qatcore.convert(qat, backend)
+
+    output = int8(torch.randn(2, 2, 6, 6))
+
+    assert output.is_contiguous()
+    assert output.view(2, -1).shape == (2, 64)

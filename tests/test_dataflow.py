@@ -180,6 +180,7 @@ class InPlace(nn.Module):
         super().__init__()
         self.first = nn.Conv2d(1, 2, 1)
         self.second = nn.Conv2d(2, 2, 1)
+        self.leaky = nn.LeakyReLU(0.1, inplace=True)
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,10 +193,20 @@ class InPlace(nn.Module):
             y[:, 0] = 0.5
         elif self.method == "relu_":
             y.relu_()
+        elif self.method == "out=":
+            torch.mul(y, 3, out=y)
+        elif self.method == "chunk mul_":
+            y.chunk(2, dim=1)[0].mul_(3)
+        elif self.method == "data mul_":
+            y.data.mul_(3)
+        elif self.method == "LeakyReLU(inplace=True)":
+            self.leaky(y)
         return self.second(y)
 
 
-@pytest.mark.parametrize("method", ["mul_", "view mul_"])
+@pytest.mark.parametrize(
+    "method", ["mul_", "view mul_", "out=", "chunk mul_", "data mul_", "LeakyReLU(inplace=True)"]
+)
 def test_in_place_change_breaks_grid(method: str) -> None:
     assert input_producers(swapped(InPlace(method)))["second"] is None
 

@@ -33,7 +33,12 @@ from qatcore_onnx._runtime import run_onnx
 
 __all__ = ["MAX_OPSET", "OnnxReport", "export_onnx"]
 
-_OnnxErrors = (torch.onnx.errors.OnnxExporterError, RuntimeError)
+# TypeError comes from the exporter's op translations, such as an out= argument:
+# the model itself has run on the example inputs before the export starts.
+_OnnxErrors = (torch.onnx.errors.OnnxExporterError, RuntimeError, TypeError)
+
+MAX_DIFF_STEPS = 1
+"""The largest difference to the QAT model, in output steps, that export_onnx accepts."""
 
 # The errors ONNX Runtime raises when it cannot load or run a graph; they
 # derive from Exception directly.
@@ -187,6 +192,15 @@ def export_onnx(
         if not check:
             return OnnxReport(path=path, opset=opset, weights=weights)
         comparison = _compare(model, path, inputs)
+    if comparison.max_diff_steps is not None and comparison.max_diff_steps > MAX_DIFF_STEPS:
+        raise DeployError(
+            f"qatcore_onnx.export_onnx: ONNX Runtime's output of {path} differs from "
+            f"{type(model).__name__}'s by {comparison.max_diff_steps:g} output quantization "
+            f"steps on the example inputs, where at most {MAX_DIFF_STEPS} is expected, so the "
+            "file does not compute what the model computes. torch.onnx.export records no "
+            "write to a tensor's .data and no in-place change of a slice; make such changes "
+            "with ops that return a new tensor, then export again"
+        )
     return OnnxReport(
         path=path,
         opset=opset,

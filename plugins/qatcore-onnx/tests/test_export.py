@@ -683,3 +683,54 @@ def test_nan_outputs_are_counted_not_measured(tmp_path: Path) -> None:
     assert "inf" not in text
     assert "4 output values are NaN in the QAT model" in text
     assert torch.isfinite(report.outputs[0]).all()
+
+
+class DataWrite(nn.Module):
+    """Two convs with a write to ``.data`` between them, which tracing does not record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 4, 3)
+        self.second = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x)
+        y.data.mul_(3)
+        return self.second(y)
+
+
+class OutArgument(nn.Module):
+    """A conv whose output is changed through an ``out=`` argument, which the exporter rejects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        torch.mul(y, 3, out=y)
+        return y
+
+
+def test_untraced_write_is_rejected(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    qat = train_qat(DataWrite(), (4, 3, 8, 8))
+
+    with pytest.raises(qatcore.DeployError) as error:
+        export_onnx(qat, tmp_path / "model.onnx", (torch.randn(4, 3, 8, 8),))
+
+    message = str(error.value)
+    assert "output quantization steps on the example inputs" in message
+    assert "where at most 1 is expected" in message
+    assert ".data" in message
+
+
+def test_out_argument_names_the_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    qat = qatcore.swap_modules(OutArgument(), qatcore.get_qconfig("x86"))
+    with torch.no_grad():  # an out= argument takes no tensor that requires grad
+        qat(torch.randn(4, 3, 8, 8))
+    qat.eval()
+
+    with pytest.raises(qatcore.DeployError, match=r"^OutArgument .*cannot write it"):
+        export_onnx(qat, tmp_path / "model.onnx", (torch.randn(4, 3, 8, 8),))
