@@ -487,7 +487,7 @@ def deployed_accuracies(
         if qconfig_name in registry.converters:
             target = f"{qconfig_name} engine"
             try:
-                int8_model = convert(qat_model, qconfig_name)
+                int8_model = convert(qat_model, qconfig_name, example_inputs=(images,))
                 with torch.no_grad():
                     logits = int8_model(images)
                 results.append(

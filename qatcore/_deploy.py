@@ -294,7 +294,14 @@ def _with_hooks_of(layer: QuantizedLayer, built: nn.Module) -> nn.Module:
     return built
 
 
-def convert(model: nn.Module, backend: str = "x86") -> nn.Module:
+MAX_LAYER_STEPS = 1.0
+"""The largest difference, in output steps, that :func:`convert` accepts between an int8
+layer and its QAT module on the example inputs."""
+
+
+def convert(
+    model: nn.Module, backend: str = "x86", *, example_inputs: tuple[Any, ...] | None = None
+) -> nn.Module:
     """Return an int8 model for ``backend`` that computes what the QAT ``model`` computes in eval.
 
     The converter of ``backend`` comes from a plugin: ``"x86"`` from
@@ -302,16 +309,85 @@ def convert(model: nn.Module, backend: str = "x86") -> nn.Module:
     qnnpack engine) build PyTorch's quantized CPU modules. Each QAT module
     becomes one int8 layer that quantizes its float input with the input
     qparams of training and returns a float output, so the model's entry and
-    exit, and the float operations between layers, need no edit. ``model`` is not changed.
+    exit, and the float operations between layers, need no edit. ``model``
+    is not changed.
+
+    With ``example_inputs``, the positional inputs of one forward call, each
+    int8 layer is checked on the input its QAT module receives in eval mode:
+    its output must be within one output step of the QAT module's. That
+    catches what no trace of the forward shows, such as a write to a
+    tensor's ``.data`` between two layers.
 
     Raises:
         KeyError: No converter is registered for ``backend``; the message
             lists the registered ones and the plugin that provides it.
-        DeployError: A module cannot run on the backend; the message names
-            the module, the operation and the backend.
+        DeployError: A module cannot run on the backend, or an int8 layer
+            differs from its QAT module by more than one output step on
+            ``example_inputs``; the message names the module.
     """
     converter = plugin_manager().registry.converters[backend]
-    return converter(model)
+    converted = converter(model)
+    if example_inputs is not None:
+        _check_layers(model, converted, tuple(example_inputs), backend)
+    return converted
+
+
+def _check_layers(
+    model: nn.Module, converted: nn.Module, example_inputs: tuple[Any, ...], backend: str
+) -> None:
+    """Raise where an int8 layer of ``converted`` differs from its QAT module on the inputs."""
+    layers = quantized_layers(model)
+    calls: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
+    handles = []
+    for layer in layers:
+
+        def record(
+            module: nn.Module, args: tuple[Any, ...], output: Any, name: str = layer.name
+        ) -> None:
+            if name not in calls and isinstance(output, torch.Tensor):
+                # Copies, because the forward may change these tensors in place later.
+                copied = tuple(
+                    arg.detach().clone() if isinstance(arg, torch.Tensor) else arg for arg in args
+                )
+                calls[name] = (copied, output.detach().clone())
+
+        # Prepended, so that it sees the output before other hooks change it.
+        handles.append(layer.module.register_forward_hook(record, prepend=True))
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+
+    for layer in layers:
+        if layer.name not in calls:
+            continue
+        args, expected = calls[layer.name]
+        int8_layer = converted.get_submodule(layer.name) if layer.name else converted
+        with torch.no_grad():
+            actual = int8_layer.forward(*args)  # the hooks ran on args already
+        scale = float(layer.output.scale)
+        steps = float((actual - expected).abs().nan_to_num(0.0).max()) / scale
+        if steps > MAX_LAYER_STEPS + 1e-4:
+            source = (
+                f"the quantized output of {layer.input_from}"
+                if layer.input_from is not None
+                else "its input fake quantizer's"
+            )
+            raise DeployError(
+                f"{qualified_name(layer.name, layer.module)}: on the example inputs its "
+                f"{backend} int8 layer differs from the QAT module by {steps:.4g} output "
+                f"steps, where at most {MAX_LAYER_STEPS:g} is expected. Its input should carry "
+                f"the codes of {source}, but something between changes it in a way that "
+                "torch.fx did not record, such as assigning a tensor's .data; make that "
+                "change with ops that return a new tensor, swap the float model again and "
+                "train it"
+            )
 
 
 def export(

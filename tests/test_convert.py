@@ -552,3 +552,44 @@ def test_int8_conv_output_keeps_layout(backend: str) -> None:
 
     assert output.is_contiguous()
     assert output.view(2, -1).shape == (2, 64)
+
+
+class _DataAssignment(nn.Module):
+    """Two convs with an assignment to ``.data`` between them, which torch.fx does not record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(2, 4, 3)
+        self.second = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x)
+        y.data = y.data * 3
+        return self.second(y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_example_inputs_catch_untraced_change(backend: str) -> None:
+    qat = _train(
+        qatcore.swap_modules(_DataAssignment(), qatcore.get_qconfig(backend)), (4, 2, 6, 6)
+    )
+    qat.eval()
+
+    with pytest.raises(qatcore.DeployError) as raised:
+        qatcore.convert(qat, backend, example_inputs=(torch.randn(4, 2, 6, 6),))
+
+    message = str(raised.value)
+    assert message.startswith(f"second (Conv2d): on the example inputs its {backend} int8 layer")
+    assert "the quantized output of first" in message
+    assert ".data" in message
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_example_inputs_pass_for_residual_model(backend: str) -> None:
+    qat = _train(qatcore.swap_modules(_ResidualConvs(), qatcore.get_qconfig(backend)), (4, 2, 6, 6))
+    modes = [module.training for module in qat.modules()]
+
+    int8 = qatcore.convert(qat, backend, example_inputs=(torch.randn(4, 2, 6, 6) * 50,))
+
+    assert isinstance(int8.second, qatcore.Int8Layer)
+    assert [module.training for module in qat.modules()] == modes
