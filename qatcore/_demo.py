@@ -482,10 +482,11 @@ def deployed_accuracies(
         expected = qat_model.eval()(images)
     results = []
 
-    engine = torch.backends.quantized.engine
+    previous_engine = torch.backends.quantized.engine
     try:
         if qconfig_name in registry.converters:
-            target = f"{qconfig_name} engine"
+            engine = getattr(registry.converters[qconfig_name], "engine", None)
+            target = f"{engine} engine" if engine else f"{qconfig_name} backend"
             try:
                 int8_model = convert(qat_model, qconfig_name, example_inputs=(images,))
                 with torch.no_grad():
@@ -496,7 +497,7 @@ def deployed_accuracies(
             except DeployError as error:
                 results.append(DeployedAccuracy(target, reason=str(error)))
     finally:
-        torch.backends.quantized.engine = engine
+        torch.backends.quantized.engine = previous_engine
 
     export_format = qconfig_name if qconfig_name in registry.exporters else "onnx"
     target = "ONNX Runtime"
