@@ -19,6 +19,11 @@ does not fix them for the results of arithmetic and processors differ.
 Where the input is non-overlapping and dense, the output must also have
 the reference's strides, which are the input's.
 
+It also provides :func:`deploy_cases`: one small float model for every
+layer kind and fusion pattern that the first-party conv and linear plugins
+swap, which a converter's or exporter's tests train, deploy and compare
+with the QAT model.
+
 The module depends on torch and the core only, not on pytest.
 """
 
@@ -31,19 +36,24 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
 from qatcore._reference import fake_quantize_learnable_reference, fake_quantize_reference
 from qatcore._registry import Kernel
 
 __all__ = [
     "DTYPES",
+    "DeployCase",
     "KernelCase",
     "KernelInputs",
     "LARGE_ELEMENTS",
     "assert_identical",
     "check_kernel",
+    "check_deployed_output",
     "check_kernel_case",
+    "deploy_cases",
     "kernel_cases",
+    "train_deploy_case",
 ]
 
 DTYPES = {
@@ -1239,3 +1249,175 @@ def _case(recipe: _Recipe, dtype_name: str, dtype: torch.dtype, learnable: bool)
         layout=recipe.layout,
         grad_layout=recipe.grad_layout,
     )
+
+
+# -- deployment cases ----------------------------------------------------------------------
+
+_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED_TYPES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_BATCH_NORM_TYPES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+# Pattern name -> (transposed, with BatchNorm, with ReLU, QAT class name without "Nd").
+_CONV_PATTERNS = {
+    "conv": (False, False, False, "Conv"),
+    "conv-relu": (False, False, True, "ConvReLU"),
+    "conv-bn": (False, True, False, "ConvBn"),
+    "conv-bn-relu": (False, True, True, "ConvBnReLU"),
+    "conv-transpose": (True, False, False, "ConvTranspose"),
+    "conv-transpose-relu": (True, False, True, "ConvTransposeReLU"),
+    "conv-transpose-bn": (True, True, False, "ConvTransposeBn"),
+    "conv-transpose-bn-relu": (True, True, True, "ConvTransposeBnReLU"),
+}
+# Pattern name -> (with BatchNorm, with ReLU, QAT class name).
+_LINEAR_PATTERNS = {
+    "linear": (False, False, "Linear"),
+    "linear-relu": (False, True, "LinearReLU"),
+    "linear-bn": (True, False, "LinearBn1d"),
+    "linear-bn-relu": (True, True, "LinearBnReLU1d"),
+}
+
+
+@attrs.frozen
+class DeployCase:
+    """A small float model of one layer kind and fusion pattern, for deployment tests.
+
+    The model is an ``nn.Sequential`` of the pattern (such as conv, BatchNorm,
+    ReLU) followed by one more layer of the same kind, so that the second
+    layer reads the first one's quantized output.
+
+    Attributes:
+        name: The case's name, such as ``"conv-bn-relu2d"`` or ``"linear-no-bias"``.
+        build: Builds a fresh float model.
+        input_shape: The shape of one batch of input.
+        qat_type_name: The class name of the QAT module the pattern becomes.
+        transposed: Whether the pattern's layer is a transposed conv.
+        dims: The spatial dimensions of a conv pattern, or ``None`` for linear.
+    """
+
+    name: str
+    build: Callable[[], nn.Sequential]
+    input_shape: tuple[int, ...]
+    qat_type_name: str
+    transposed: bool = False
+    dims: int | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _conv_case(pattern: str, dims: int, bias: bool) -> DeployCase:
+    transposed, batch_norm, relu, class_name = _CONV_PATTERNS[pattern]
+
+    def build() -> nn.Sequential:
+        if transposed:
+            first = _TRANSPOSED_TYPES[dims](2, 3, 2, stride=2, bias=bias)
+        else:
+            first = _CONV_TYPES[dims](2, 3, 3, padding=1, bias=bias)
+        layers = [first]
+        if batch_norm:
+            layers.append(_BATCH_NORM_TYPES[dims](3))
+        if relu:
+            layers.append(nn.ReLU())
+        layers.append(_CONV_TYPES[dims](3, 2, 3, padding=1))
+        return nn.Sequential(*layers)
+
+    return DeployCase(
+        name=f"{pattern}{dims}d{'' if bias else '-no-bias'}",
+        build=build,
+        input_shape=(2, 2) + (4,) * dims,
+        qat_type_name=f"{class_name}{dims}d",
+        transposed=transposed,
+        dims=dims,
+    )
+
+
+def _linear_case(pattern: str, bias: bool) -> DeployCase:
+    batch_norm, relu, class_name = _LINEAR_PATTERNS[pattern]
+
+    def build() -> nn.Sequential:
+        layers: list[nn.Module] = [nn.Linear(5, 6, bias=bias)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(6))
+        if relu:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(6, 3))
+        return nn.Sequential(*layers)
+
+    return DeployCase(
+        name=f"{pattern}{'' if bias else '-no-bias'}",
+        build=build,
+        input_shape=(4, 5),
+        qat_type_name=class_name,
+    )
+
+
+def deploy_cases() -> list[DeployCase]:
+    """Return a case for every conv and linear pattern, in 1d, 2d and 3d for convs.
+
+    The patterns are the layer alone and fused with ReLU, BatchNorm, and
+    BatchNorm and ReLU, for conv, transposed conv and linear layers. The
+    unfused layers come with and without bias. The fused ones keep it,
+    because BatchNorm folding absorbs a bias into its shift.
+    """
+    unfused = ("conv", "conv-transpose", "linear")
+    cases = [
+        _conv_case(pattern, dims, bias)
+        for pattern in _CONV_PATTERNS
+        for dims in (1, 2, 3)
+        for bias in ((True, False) if pattern in unfused else (True,))
+    ]
+    cases += [
+        _linear_case(pattern, bias)
+        for pattern in _LINEAR_PATTERNS
+        for bias in ((True, False) if pattern in unfused else (True,))
+    ]
+    return cases
+
+
+def train_deploy_case(
+    case: DeployCase, qconfig: Any, *, steps: int = 3, seed: int = 0
+) -> nn.Sequential:
+    """Swap ``case``'s model with ``qconfig``, train a few SGD steps, and return it in eval mode.
+
+    The steps move the observers and the BatchNorm statistics away from
+    their initial values, as training does.
+    """
+    import qatcore
+
+    torch.manual_seed(seed)
+    qat = qatcore.swap_modules(case.build(), qconfig)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = (qat(torch.randn(case.input_shape)) - 1).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return qat.eval()
+
+
+def check_deployed_output(qat: nn.Module, expected: torch.Tensor, actual: torch.Tensor) -> None:
+    """Check a deployed model's output against the QAT model's, in the last layer's codes.
+
+    ``expected`` is the QAT model's output in eval mode and ``actual`` the
+    deployed model's on the same input. Each code may differ by one step,
+    the rounding an engine's requantization can add, and the largest and
+    smallest codes must be equal, so that both saturate alike.
+
+    Raises:
+        AssertionError: A code differs by more than one step, or the two
+            outputs saturate at different codes.
+    """
+    import qatcore
+
+    output = qatcore.quantized_layers(qat)[-1].output
+    scale, zero_point = float(output.scale), int(output.zero_point)
+    # Not QuantParams.codes, which clamps: a code outside the range must show.
+    expected_codes = torch.round(expected.detach() / scale).int() + zero_point
+    actual_codes = torch.round(actual.detach() / scale).int() + zero_point
+    difference = int((expected_codes - actual_codes).abs().max())
+    if difference > 1:
+        raise AssertionError(f"the deployed output differs by {difference} codes, more than 1")
+    for name, reduce in (("largest", torch.max), ("smallest", torch.min)):
+        want, got = int(reduce(expected_codes)), int(reduce(actual_codes))
+        if want != got:
+            raise AssertionError(f"the {name} code is {got} deployed, {want} in QAT")

@@ -19,9 +19,12 @@ from qatcore.testing import (
     LARGE_ELEMENTS,
     KernelCase,
     assert_identical,
+    check_deployed_output,
     check_kernel,
     check_kernel_case,
+    deploy_cases,
     kernel_cases,
+    train_deploy_case,
 )
 
 Kernel = Callable[..., torch.Tensor]
@@ -908,3 +911,53 @@ def test_mps_cases_leave_out_float64() -> None:
 
     assert torch.float64 not in dtypes
     assert torch.bfloat16 in dtypes
+
+
+def test_deploy_cases_cover_every_pattern() -> None:
+    names = [case.name for case in deploy_cases()]
+
+    assert len(names) == len(set(names))
+    for pattern in ("conv", "conv-relu", "conv-bn", "conv-bn-relu"):
+        for prefix in (pattern, pattern.replace("conv", "conv-transpose", 1)):
+            assert [f"{prefix}{dims}d" in names for dims in (1, 2, 3)] == [True, True, True]
+    for name in ("linear", "linear-relu", "linear-bn", "linear-bn-relu", "conv2d-no-bias"):
+        assert name in names
+
+
+def _deployed_qat_model() -> torch.nn.Module:
+    pytest.importorskip("qatcore_conv")
+    pytest.importorskip("qatcore_observers")
+    pytest.importorskip("qatcore_x86")
+    case = next(case for case in deploy_cases() if case.name == "conv2d")
+    return train_deploy_case(case, qatcore.get_qconfig("x86"), steps=1)
+
+
+def test_check_deployed_output_allows_one_step() -> None:
+    qat = _deployed_qat_model()
+    scale = float(qat[-1].output_fake_quant.scale)
+    expected = qat(torch.randn(2, 2, 4, 4)).detach()
+    shifted = expected.clone()
+    shifted.view(-1)[0] += scale
+
+    check_deployed_output(qat, expected, shifted)
+
+
+def test_check_deployed_output_rejects_two_steps() -> None:
+    qat = _deployed_qat_model()
+    scale = float(qat[-1].output_fake_quant.scale)
+    expected = qat(torch.randn(2, 2, 4, 4)).detach()
+    shifted = expected.clone()
+    shifted.view(-1)[0] += 2 * scale
+
+    with pytest.raises(AssertionError, match="differs by 2 codes"):
+        check_deployed_output(qat, expected, shifted)
+
+
+def test_check_deployed_output_rejects_other_saturation() -> None:
+    qat = _deployed_qat_model()
+    scale = float(qat[-1].output_fake_quant.scale)
+    expected = qat(torch.randn(2, 2, 4, 4)).detach()
+    lower = expected - scale * (expected == expected.max())
+
+    with pytest.raises(AssertionError, match="largest code"):
+        check_deployed_output(qat, expected, lower)

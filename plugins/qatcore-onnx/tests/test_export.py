@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import qatcore
+from qatcore.testing import DeployCase, check_deployed_output, deploy_cases, train_deploy_case
 from qatcore_onnx import OnnxReport, export_onnx, run_onnx
 
 pytest.importorskip("qatcore_conv")
@@ -122,6 +123,19 @@ def test_ort_matches_qat_within_one_step(case: str, input_scale: float, tmp_path
     assert report.max_diff_steps is not None
     assert report.max_diff_steps <= 1.0
     assert_within_one_step(qat, report.path, x)
+
+
+@pytest.mark.parametrize("input_scale", INPUT_SCALES, ids=["calibrated", "saturated"])
+@pytest.mark.parametrize("case", deploy_cases(), ids=str)
+def test_every_pattern_matches_qat(case: DeployCase, input_scale: float, tmp_path: Path) -> None:
+    qat = train_deploy_case(case, qatcore.get_qconfig("x86"))
+    torch.manual_seed(1)
+    x = torch.randn(case.input_shape) * input_scale
+
+    report = export_onnx(qat, tmp_path / "model.onnx", (x,))
+
+    with torch.no_grad():
+        check_deployed_output(qat, qat(x), run_onnx(report.path, x))
 
 
 def test_export_leaves_model_unchanged(tmp_path: Path) -> None:
