@@ -37,6 +37,17 @@ _QUANTIZED_TYPES: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module] |
     nn.Linear: (nnq.Linear, nniq.LinearReLU),
 }
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_QUANTIZED_TRANSPOSED = (nnq.ConvTranspose1d, nnq.ConvTranspose2d, nnq.ConvTranspose3d)
+# Quantized layer type -> its spatial dimensions, 0 for linear.
+_SPATIAL_DIMS: dict[type[nn.Module], int] = {
+    nnq.Linear: 0,
+    nnq.Conv1d: 1,
+    nnq.Conv2d: 2,
+    nnq.Conv3d: 3,
+    nnq.ConvTranspose1d: 1,
+    nnq.ConvTranspose2d: 2,
+    nnq.ConvTranspose3d: 3,
+}
 _PADDING_MODES = ("zeros", "reflect")
 _INT16_MAX = 32767
 
@@ -83,10 +94,10 @@ def _transposed_conv_is_exact(
 ) -> bool:
     """Return whether ``engine`` runs ``quantized_type`` to within one output code of float math.
 
-    The probe packs a small random transposed conv with this weight scheme
+    The probe builds a small random transposed conv with this weight scheme
     (one scale per tensor or per output channel), group count and output
-    channels per group, with 2 input channels per group, runs it, and
-    compares its codes with the float transposed conv of the dequantized
+    channels per group, and 2 input channels per group. It runs the conv and
+    compares the codes with the float transposed conv of the dequantized
     tensors. An engine that rejects the configuration, when packing or when
     running, fails the probe.
     """
@@ -98,7 +109,7 @@ def _transposed_conv_is_exact(
     # codes for every ConvTranspose3d and cannot run a per-channel transposed
     # conv with groups > 1.
     generator = torch.Generator().manual_seed(0)
-    dims = {nnq.ConvTranspose1d: 1, nnq.ConvTranspose2d: 2, nnq.ConvTranspose3d: 3}[quantized_type]
+    dims = _SPATIAL_DIMS[quantized_type]
     functional = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
     in_channels = 2 * groups
     out_channels = out_per_group * groups
@@ -142,16 +153,8 @@ def _saturates_pair_sums(engine: str, quantized_type: type[nn.Module]) -> bool:
     """
     channels = 64
     exact_code = 200
-    transposed = quantized_type in (nnq.ConvTranspose1d, nnq.ConvTranspose2d, nnq.ConvTranspose3d)
-    dims = {
-        nnq.Linear: 0,
-        nnq.Conv1d: 1,
-        nnq.Conv2d: 2,
-        nnq.Conv3d: 3,
-        nnq.ConvTranspose1d: 1,
-        nnq.ConvTranspose2d: 2,
-        nnq.ConvTranspose3d: 3,
-    }[quantized_type]
+    transposed = quantized_type in _QUANTIZED_TRANSPOSED
+    dims = _SPATIAL_DIMS[quantized_type]
     weight_shape = ((channels, 1) if transposed else (1, channels)) + (1,) * dims
     input_shape = (2, channels) + (2,) * dims
     with _engine(engine), _quantized_tensors():
@@ -211,9 +214,8 @@ class Int8Layer(nn.Module):
                 f"{torch.backends.quantized.engine!r}; set torch.backends.quantized.engine = "
                 f"{self.engine!r} before running the model"
             )
-        # NOTE: a layer fed by another int8 layer's codes dequantizes and
-        # quantizes them again between the two; passing the quantized tensor
-        # on would save both passes.
+        # NOTE: between two int8 layers the codes are dequantized and
+        # quantized again. Passing the quantized tensor on would save both passes.
         output = self.quantized(_quantize(x, self.input, torch.quint8))
         if self.relu_after:
             output = torch.relu(output)
@@ -320,7 +322,7 @@ class TorchEngineConverter:
 
         Raises:
             DeployError: The engine is missing from this torch build, or a
-                layer or its qparams cannot run on it; the message names the
+                layer or its qparams cannot run on it. The message names the
                 module, the operation and the engine.
         """
         if self.engine not in torch.backends.quantized.supported_engines:
@@ -536,7 +538,7 @@ def _padding(float_layer: nn.Module) -> tuple[int, ...] | None:
 
     The int8 convs take numbers only. ``padding="same"`` pads ``dilation *
     (kernel_size - 1)`` in all along each axis, half on each side when that
-    extent is even; an odd one puts the extra element on the right.
+    extent is even. An odd extent puts the extra element on the right.
     """
     padding = float_layer.padding
     if padding == "valid":
