@@ -169,7 +169,7 @@ def _mutated_nodes(graph: Any, modules: dict[str, nn.Module]) -> set[Any]:
     call still reads ``y``, so the grid of ``y`` cannot be trusted. A tensor
     computed from ``y`` by a function or method may be a view of it (a
     slice, a chunk, ``y.data``), so a write to it counts as a write to ``y``
-    too; the walk stops at module calls and the model's inputs.
+    too. The walk back stops at module calls and at the model's inputs.
     """
     mutated: set[Any] = set()
     for node in graph.nodes:

@@ -323,7 +323,7 @@ def convert(
             lists the registered ones and the plugin that provides it.
         DeployError: A module cannot run on the backend, or an int8 layer
             differs from its QAT module by more than one output step on
-            ``example_inputs``; the message names the module.
+            ``example_inputs``. The message names the module.
     """
     converter = plugin_manager().registry.converters[backend]
     converted = converter(model)
@@ -351,7 +351,7 @@ def _check_layers(
                 )
                 calls[name] = (copied, output.detach().clone())
 
-        # Prepended, so that it sees the output before other hooks change it.
+        # Prepended, so that it records the output before other hooks change it.
         handles.append(layer.module.register_forward_hook(record, prepend=True))
     modes = [(module, module.training) for module in model.modules()]
     try:

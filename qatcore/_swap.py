@@ -162,7 +162,7 @@ def swap_modules(
     A swapped module whose input no other QAT module quantized, such as
     the first layer or the layer after a residual addition, gets an input
     fake quantizer (``input_fake_quant``) with its activation spec made per
-    tensor. Training then sees the codes that :func:`qatcore.convert` and
+    tensor. Training then uses the codes that :func:`qatcore.convert` and
     :func:`qatcore.export` give an int8 engine. The inputs are found in the
     forward traced with ``torch.fx``; where it cannot be traced, every
     swapped module gets one.

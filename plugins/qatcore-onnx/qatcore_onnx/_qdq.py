@@ -36,7 +36,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def onnx_code_range(params: QuantParams, role: str, where: str) -> tuple[int, int]:
-    """Return the range of the 8-bit ONNX type that holds ``params``' codes: int8 or uint8.
+    """Return the range of the 8-bit ONNX type that contains ``params``' codes: int8 or uint8.
 
     Raises:
         DeployError: The codes fit in neither type; the message names ``where``.
@@ -89,7 +89,8 @@ class QDQLayer(nn.Module):
         self.output_range = onnx_code_range(layer.output, "output", where)
 
         # The float layer is kept out of the module tree, so that the only
-        # weight ONNX sees is ``self.weight`` under a name the exporter knows.
+        # weight in the exported graph is ``self.weight``, under a name the
+        # weight rewrite looks for.
         self._float_layer = (float_layer,)
         self.grouped_by_channel = (
             isinstance(float_layer, tuple(_CONV_TRANSPOSE))
