@@ -219,7 +219,13 @@ class Int8Layer(nn.Module):
         output = self.quantized(_quantize(x, self.input, torch.quint8))
         if self.relu_after:
             output = torch.relu(output)
-        result = output.dequantize()
+        if x.dtype == torch.float64:
+            # The QAT model dequantizes in float64; float32 would round each
+            # grid value differently.
+            scale = torch.tensor(output.q_scale(), dtype=torch.float32).double()
+            result = (output.int_repr().double() - output.q_zero_point()) * scale
+        else:
+            result = output.dequantize()
         if self.output is not None and (self.output.quant_min > 0 or self.output.quant_max < 255):
             # The engine saturates at the uint8 bounds, and the QAT model at
             # the output spec's narrower ones, such as [0, 127] for 7 bits.

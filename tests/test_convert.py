@@ -593,3 +593,19 @@ def test_example_inputs_pass_for_residual_model(backend: str) -> None:
 
     assert isinstance(int8.second, qatcore.Int8Layer)
     assert [module.training for module in qat.modules()] == modes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_model_converts(backend: str) -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).double()
+    qat = qatcore.swap_modules(model, qatcore.get_qconfig(backend))
+    torch.manual_seed(0)
+    for _ in range(3):  # observe float64 batches
+        qat(torch.randn(2, 2, 6, 6, dtype=torch.float64))
+    qat.eval()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64) * 50
+
+    int8 = qatcore.convert(qat, backend, example_inputs=(x,))
+
+    assert int8(x).dtype == torch.float64
+    assert _max_steps(qat, int8, x, float(qat[2].output_fake_quant.scale)) <= 1.0
